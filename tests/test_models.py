@@ -1,0 +1,336 @@
+"""Behaviour of the xatl model family (xatl_convert/models): exactness against GPT-NeoX, init, scan, IO."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+import xatl_convert.models
+from xatl_convert.models import (
+    XatlConfig,
+    XatlForCausalLM,
+    XatlMamba,
+    init_xatl_weights,
+    selective_scan_reference,
+)
+
+VOCAB, HIDDEN, HEADS = 128, 64, 4
+
+
+def tiny_config(**overrides) -> XatlConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=HEADS,
+        mamba={"d_state": 8},
+    )
+    kwargs.update(overrides)
+    return XatlConfig(**kwargs)
+
+
+def neox_to_xatl_state_dict(neox: GPTNeoXForCausalLM) -> dict[str, torch.Tensor]:
+    """Rename GPT-NeoX weights into xatl names, splitting the per-head interleaved query_key_value."""
+    cfg = neox.config
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    head_dim = hidden // heads
+    renames = {
+        "gpt_neox.embed_in.": "model.embed_tokens.",
+        "gpt_neox.final_layer_norm.": "model.final_norm.",
+        ".input_layernorm.": ".input_norm.",
+        ".post_attention_layernorm.": ".mlp_norm.",
+        ".attention.dense.": ".mixer.out_proj.",
+        ".mlp.dense_h_to_4h.": ".mlp.fc1.",
+        ".mlp.dense_4h_to_h.": ".mlp.fc2.",
+        "gpt_neox.layers.": "model.layers.",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in neox.state_dict().items():
+        if ".attention.query_key_value." in name:
+            prefix = name.split(".attention.")[0].replace("gpt_neox.", "model.")
+            kind = name.rsplit(".", 1)[1]
+            shape = (heads, 3, head_dim, hidden) if kind == "weight" else (heads, 3, head_dim)
+            parts = tensor.view(shape)
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{prefix}.mixer.{proj}.{kind}"] = parts[:, j].reshape(heads * head_dim, *shape[3:])
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("rotary_pct", [1.0, 0.25])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_attention_model_reproduces_gpt_neox_logits(parallel: bool, rotary_pct: float) -> None:
+    torch.manual_seed(0)
+    neox_cfg = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * HIDDEN,
+        use_parallel_residual=parallel,
+        rotary_pct=rotary_pct,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    neox = GPTNeoXForCausalLM(neox_cfg).eval()
+    cfg = tiny_config(
+        intermediate_size=4 * HIDDEN,
+        layer_types=["attention", "attention"],
+        parallel_residual=parallel,
+        partial_rotary_factor=rotary_pct,
+    )
+    model = XatlForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(neox_to_xatl_state_dict(neox), strict=True)
+    assert not missing and not unexpected
+
+    ids = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        expected = neox(ids).logits
+        got = model(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_padding_mask_matches_unpadded_attention_and_mamba_outputs() -> None:
+    torch.manual_seed(0)
+    model = XatlForCausalLM(tiny_config(num_hidden_layers=2, layer_types=["mamba", "attention"])).eval()
+    ids = torch.randint(0, VOCAB, (1, 10))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], dim=1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        left_padded = model(padded, attention_mask=mask, position_ids=position_ids).logits
+    assert torch.isfinite(left_padded).all()
+    torch.testing.assert_close(left_padded[:, 3:], plain, atol=1e-5, rtol=1e-5)
+
+
+def _assert_mamba_init(mixer: XatlMamba, cfg: XatlConfig) -> None:
+    m = cfg.mamba
+    expected_a_log = torch.log(torch.arange(1, m["d_state"] + 1, dtype=torch.float32))
+    torch.testing.assert_close(mixer.A_log.detach(), expected_a_log.expand(mixer.d_inner, -1))
+    torch.testing.assert_close(mixer.D.detach(), torch.ones(mixer.d_inner))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias.detach())
+    assert dt.min().item() >= min(m["dt_min"], m["dt_init_floor"]) * (1 - 1e-4)
+    assert dt.max().item() <= m["dt_max"] * (1 + 1e-4)
+    assert dt.std().item() > 0  # random, not a constant
+    bound = m["dt_rank"] ** -0.5 * m["dt_scale"]
+    assert mixer.dt_proj.weight.abs().max().item() <= bound
+    assert mixer.dt_proj.weight.abs().max().item() > bound / 2
+
+
+def test_mamba_init_via_meta_to_empty_and_init_function() -> None:
+    cfg = tiny_config(num_hidden_layers=4, mamba={"d_state": 8, "dt_min": 0.01, "dt_max": 0.05})
+    with torch.device("meta"):
+        meta_model = XatlForCausalLM(cfg)
+    mixer = meta_model.model.layers[3].mixer.to_empty(device="cpu")
+    for param in mixer.parameters():
+        param.data.fill_(float("nan"))  # make garbage visible: every parameter must be set by the init
+    torch.manual_seed(0)
+    # Reverse (children before parent) order: the result must not depend on visiting order.
+    for module in reversed(list(mixer.modules())):
+        init_xatl_weights(module, cfg)
+    assert all(torch.isfinite(p).all() for p in mixer.parameters())
+    _assert_mamba_init(mixer, cfg)
+    in_bound = 1 / math.sqrt(HIDDEN)
+    assert mixer.in_proj.weight.abs().max().item() <= in_bound
+    out_bound = 1 / math.sqrt(mixer.d_inner) / math.sqrt(2 * cfg.num_hidden_layers)
+    assert mixer.out_proj.weight.abs().max().item() <= out_bound
+
+
+def test_mamba_init_via_model_constructor() -> None:
+    cfg = tiny_config(num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = XatlForCausalLM(cfg)
+    for layer in model.model.layers:
+        _assert_mamba_init(layer.mixer, cfg)
+        assert torch.equal(layer.mlp.fc1.bias, torch.zeros_like(layer.mlp.fc1.bias))
+        assert torch.equal(layer.input_norm.weight, torch.ones(HIDDEN))
+    assert abs(model.model.embed_tokens.weight.std().item() - cfg.initializer_range) < 0.005
+
+
+def naive_scan(u, delta, A, B, C, D, z, delta_bias):
+    """Per-timestep, per-channel loop: deliberately different code from the reference."""
+    batch, d, length = u.shape
+    y = torch.zeros(batch, d, length, dtype=torch.float64)
+    for b in range(batch):
+        for c in range(d):
+            h = torch.zeros(A.shape[1], dtype=torch.float64)
+            for t in range(length):
+                dt = math.log1p(math.exp(float(delta[b, c, t] + delta_bias[c])))
+                h = torch.exp(dt * A[c].double()) * h + dt * B[b, :, t].double() * float(u[b, c, t])
+                out = float(h @ C[b, :, t].double()) + float(D[c] * u[b, c, t])
+                y[b, c, t] = out * float(z[b, c, t]) / (1 + math.exp(-float(z[b, c, t])))
+    return y
+
+
+def test_reference_scan_matches_naive_loop() -> None:
+    torch.manual_seed(0)
+    batch, d, n, length = 2, 3, 4, 7
+    u, delta, z = torch.randn(batch, d, length), torch.randn(batch, d, length), torch.randn(batch, d, length)
+    A = -torch.rand(d, n) - 0.1
+    B, C = torch.randn(batch, n, length), torch.randn(batch, n, length)
+    D, delta_bias = torch.randn(d), torch.randn(d)
+    got = selective_scan_reference(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
+    expected = naive_scan(u, delta, A, B, C, D, z, delta_bias)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_mixer_is_causal() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=1)
+    mixer = XatlForCausalLM(cfg).model.layers[0].mixer
+    x = torch.randn(2, 12, HIDDEN)
+    t = 7
+    x2 = x.clone()
+    x2[:, t] += torch.randn(2, HIDDEN)
+    with torch.no_grad():
+        y, y2 = mixer(x), mixer(x2)
+    torch.testing.assert_close(y[:, :t], y2[:, :t], atol=0, rtol=0)
+    assert (y[:, t] - y2[:, t]).abs().max() > 1e-4
+
+
+def test_hybrid_model_forward_and_save_load_roundtrip(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"])
+    model = XatlForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    assert abs(out.loss.item() - math.log(VOCAB)) < 1.0  # near uniform at init
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, XatlForCausalLM)
+    assert loaded.config.layer_types == ["mamba", "attention", "mamba"]
+    assert loaded.config.mamba == cfg.mamba
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out.logits)
+
+
+def test_tied_embeddings_share_storage_and_are_saved_once(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = XatlForCausalLM(tiny_config(tie_word_embeddings=True, layer_types=["attention", "mamba"]))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+
+
+def test_llama_style_block_runs_with_gqa_rmsnorm_and_gated_mlp() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        layer_types=["attention", "mamba"],
+        norm_type="rmsnorm",
+        norm_bias=False,
+        num_key_value_heads=2,
+        attention_bias=False,
+        attention_out_bias=False,
+        mlp_gated=True,
+        mlp_bias=False,
+        hidden_act="silu",
+        parallel_residual=False,
+    )
+    model = XatlForCausalLM(cfg)
+    keys = set(model.state_dict())
+    assert "model.layers.0.mixer.k_proj.bias" not in keys
+    assert model.model.layers[0].mixer.k_proj.weight.shape == (2 * 16, HIDDEN)
+    assert model.model.layers[0].mlp.fc1.weight.shape == (2 * cfg.intermediate_size, HIDDEN)
+    assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_hidden_layers": 2, "layer_types": ["mamba", "transformer"]}, "unknown layer_types"),
+        ({"num_hidden_layers": 3, "layer_types": ["mamba", "attention"]}, "num_hidden_layers"),
+        ({"mamba": {"d_sate": 8}}, "unknown mamba config keys"),
+        ({"norm_type": "batchnorm"}, "norm_type"),
+    ],
+)
+def test_config_rejects_invalid_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        XatlConfig(**kwargs)
+
+
+def test_config_defaults_and_json_roundtrip(tmp_path) -> None:
+    cfg = XatlConfig(num_hidden_layers=2, hidden_size=100, num_attention_heads=4)
+    assert cfg.layer_types == ["mamba", "mamba"]
+    assert cfg.mamba["dt_rank"] == 7 and cfg.mamba["d_state"] == 16
+    assert cfg.head_dim == 25 and cfg.num_key_value_heads == 4
+    cfg.save_pretrained(tmp_path)
+    again = XatlConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_from_pretrained_initialises_only_missing_tensors(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=2, layer_types=["mamba", "attention"])
+    model = XatlForCausalLM(cfg)
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    dropped = ["model.layers.0.mixer.dt_proj.bias", "model.layers.0.mixer.A_log", "model.layers.1.mlp.fc2.bias"]
+    for key in dropped:
+        weights[key] = weights[key] * 0 + 7.0  # a value no init produces, so a re-init would show
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(tmp_path / "model.safetensors"))
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        if key not in dropped:
+            assert torch.equal(state[key], value), key  # loaded tensors untouched, also in mixed modules
+    _assert_mamba_init(loaded.model.layers[0].mixer, cfg)
+    assert torch.equal(state["model.layers.1.mlp.fc2.bias"], torch.zeros(HIDDEN))
+
+
+def test_copied_model_files_load_as_remote_code_without_the_package(tmp_path) -> None:
+    """The two model files are copied into converted folders and must work where xatl_convert is absent."""
+    torch.manual_seed(0)
+    model = XatlForCausalLM(tiny_config(layer_types=["mamba", "attention"])).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "expected.pt")
+    models_dir = Path(xatl_convert.models.__file__).parent
+    for name in ("configuration_xatl.py", "modeling_xatl.py"):
+        shutil.copy(models_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_xatl.XatlConfig",
+        "AutoModelForCausalLM": "modeling_xatl.XatlForCausalLM",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'xatl_convert' not in sys.modules\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(m(torch.arange(10)[None]).logits, torch.load(sys.argv[1] + '/expected.pt'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

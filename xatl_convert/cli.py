@@ -1,0 +1,191 @@
+"""The `xatl` command line: each command parses its options, calls one library function and prints."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from xatl_convert.conversion import TARGETS, convert, parse_overrides, plan_conversion
+from xatl_convert.errors import XatlError
+from xatl_convert.mapping import builtin_mappings, load_mapping
+from xatl_convert.mapping.layers import PRESETS
+from xatl_convert.plan import build_plan
+from xatl_convert.sources import resolve_source
+from xatl_convert.tables import dropped_table, plan_table, verify_table
+from xatl_convert.verify import verify as run_verify
+from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES
+
+app = typer.Typer(
+    help="Convert pretrained Transformer checkpoints into linear-cost-inference models (Mamba, hybrids) by "
+    "cross-architecture transfer, and verify the result.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+mappings_app = typer.Typer(help="List, show and validate mapping files.", no_args_is_help=True)
+app.add_typer(mappings_app, name="mappings")
+
+console = Console()
+errors = Console(stderr=True)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
+_PRESET_HELP = "; ".join(f"{name}: {text}" for name, text in PRESETS.items())
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '2G', '500M', '1048576' (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise typer.BadParameter(f"{text!r}: expected bytes with an optional K/M/G/T suffix, e.g. 2G")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def _fail(error: XatlError) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(error.exit_code)
+
+
+@app.command("convert")
+def convert_command(
+    source: Annotated[str, typer.Argument(help="Source checkpoint: a local folder with config.json and weights.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
+    to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    mapping: Annotated[
+        str | None, typer.Option(help="Mapping file or built-in mapping name (default: chosen by model_type).")
+    ] = None,
+    attn_layers: Annotated[
+        str | None,
+        typer.Option(help=f"Layers kept as attention: indices like 1,11 or a preset ({_PRESET_HELP})."),
+    ] = None,
+    set_values: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a target config value, e.g. mamba.d_state=32 (repeatable)."),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: the source's).")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output shard, in bytes with an optional K/M/G suffix.")
+    ] = "2G",
+    seed: Annotated[int, typer.Option(help="Seed of the new mixers' initialisation (per tensor name).")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the transfer plan and write nothing.")] = False,
+) -> None:
+    """Convert a Transformer checkpoint into an xatl model (Mamba or hybrid)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if out is None and not dry_run:
+        raise typer.BadParameter("give --out FOLDER (or --dry-run)", param_hint="--out")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_BYTES
+    torch_dtype = DTYPES[dtype] if dtype else None
+    try:
+        overrides = parse_overrides(set_values or [])
+        if dry_run:
+            plan = plan_conversion(source, to, mapping, attn_layers, overrides, torch_dtype, seed)
+            console.print(plan_table(plan))
+            console.print(dropped_table(plan))
+            return
+        plan = convert(
+            source,
+            out,  # type: ignore[arg-type]
+            to=to,
+            mapping=mapping,
+            attn_layers=attn_layers,
+            overrides=overrides,
+            dtype=torch_dtype,
+            seed=seed,
+            force=force,
+            max_shard_bytes=shard_bytes,
+            command_line=shlex.join(["xatl", *sys.argv[1:]]),
+            show_progress=console.is_terminal,
+        )
+    except XatlError as error:
+        raise _fail(error) from None
+    transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
+    console.print(
+        f"[green]wrote[/] {out}: {len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
+        f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
+        f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}"
+    )
+
+
+@app.command("verify")
+def verify_command(
+    output: Annotated[Path, typer.Argument(help="A folder written by xatl convert.")],
+    source: Annotated[
+        str | None, typer.Option(help="Source checkpoint (default: the path recorded in the manifest).")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the from-scratch comparison model.")] = 0,
+) -> None:
+    """Check a converted model: tensors, exact transfers, forward pass, losses. Exit 1 if a check fails."""
+    if not (output / "xatl_manifest.json").is_file():
+        raise _fail(XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?"))
+    try:
+        report = run_verify(output, source, seed)
+    except XatlError as error:
+        raise _fail(error) from None
+    console.print(verify_table(report))
+    if json_path is not None:
+        report.write_json(json_path)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+@mappings_app.command("list")
+def mappings_list() -> None:
+    """List the built-in mappings."""
+    for name, path in builtin_mappings().items():
+        mapping = load_mapping(path)
+        kinds = ", ".join(mapping.source.model_types)
+        console.print(f"[bold]{name}[/]  {kinds} → {mapping.target.mixer}  [dim]{mapping.description}[/]")
+
+
+@mappings_app.command("show")
+def mappings_show(name: Annotated[str, typer.Argument(help="Built-in mapping name or a mapping file.")]) -> None:
+    """Print a mapping's YAML."""
+    try:
+        mapping = load_mapping(name)
+    except XatlError as error:
+        raise _fail(error) from None
+    console.print(Syntax(mapping.text, "yaml", background_color="default"))
+
+
+@mappings_app.command("validate")
+def mappings_validate(
+    file: Annotated[str, typer.Argument(help="Mapping file (or built-in name) to check.")],
+    source: Annotated[
+        str | None, typer.Option(help="Also check full coverage and every shape against this checkpoint.")
+    ] = None,
+    attn_layers: Annotated[str | None, typer.Option(help="Attention layers, as for convert.")] = None,
+) -> None:
+    """Check a mapping's schema, and with --source its coverage and shapes. Writes nothing."""
+    try:
+        mapping = load_mapping(file)
+        if source is None:
+            console.print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)")
+            return
+        with resolve_source(source) as checkpoint:
+            plan = build_plan(checkpoint, mapping, attn_layers)
+    except XatlError as error:
+        raise _fail(error) from None
+    console.print(
+        f"[green]ok[/] {file} covers {source}: {len(plan.by_status('transferred'))} transferred, "
+        f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The public entry point: `convert(...)` resolves the source, picks the mapping, plans and writes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from xatl_convert.errors import PlanError, UnsupportedModelError
+from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
+from xatl_convert.plan import ConversionPlan, build_plan
+from xatl_convert.sources import SourceCheckpoint, resolve_source
+from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, ensure_writable, write_output
+
+TARGETS = ("mamba",)
+
+
+def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str | Path | None = None) -> Mapping:
+    """The user's mapping if given, else the built-in mapping for this source model_type and target mixer."""
+    if mapping is not None:
+        return load_mapping(mapping)
+    candidates = [load_mapping(path) for path in builtin_mappings().values()]
+    for candidate in candidates:
+        if source.model_type in candidate.source.model_types and candidate.target.mixer == target:
+            return candidate
+    supported = sorted({kind for candidate in candidates for kind in candidate.source.model_types})
+    raise UnsupportedModelError(
+        f"{source.reference}: model_type {source.model_type!r} has no built-in mapping to {target!r} "
+        f"(supported: {', '.join(supported)}); write one and pass --mapping FILE"
+    )
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """`--set key.sub=value` pairs; values are read as YAML scalars (32, 1e-3, true, auto)."""
+    overrides: dict[str, Any] = {}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key.strip():
+            raise PlanError(f"--set {assignment!r}: expected KEY=VALUE, e.g. mamba.d_state=32")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def plan_conversion(
+    source: str | Path | SourceCheckpoint,
+    to: str = "mamba",
+    mapping: str | Path | None = None,
+    attn_layers: str | Sequence[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> ConversionPlan:
+    """Resolve the source and build the plan; nothing is written."""
+    if to not in TARGETS:
+        raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
+    checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source)
+    chosen = select_mapping(checkpoint, to, mapping)
+    return build_plan(checkpoint, chosen, attn_layers, overrides, dtype, seed)
+
+
+def convert(
+    source: str | Path | SourceCheckpoint,
+    out: str | Path,
+    to: str = "mamba",
+    mapping: str | Path | None = None,
+    attn_layers: str | Sequence[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    command_line: str | None = None,
+    show_progress: bool = False,
+) -> ConversionPlan:
+    """Convert a source checkpoint into an xatl folder at `out`; returns the plan that was executed."""
+    ensure_writable(Path(out), force)
+    plan = plan_conversion(source, to, mapping, attn_layers, overrides, dtype, seed)
+    try:
+        write_output(plan, Path(out), force, max_shard_bytes, command_line, show_progress)
+    finally:
+        plan.source.close()
+    return plan

@@ -1,0 +1,32 @@
+"""Typed errors that the CLI turns into one clear line.
+
+Each message names the file, YAML line or tensor at fault and, where possible, what to do next.
+"""
+
+from __future__ import annotations
+
+
+class XatlError(Exception):
+    """Base class for every error a user can cause; the CLI prints it without a traceback."""
+
+    exit_code = 2
+
+
+class SourceError(XatlError):
+    """The source checkpoint cannot be found, read or understood."""
+
+
+class UnsupportedModelError(SourceError):
+    """No built-in mapping exists for the source's model_type and the requested target."""
+
+
+class MappingError(XatlError):
+    """A mapping file is malformed: bad YAML, unknown key, wrong type, or a bad expression."""
+
+
+class PlanError(XatlError):
+    """The mapping does not fit the source and target: missing coverage or mismatched shapes."""
+
+
+class OutputExistsError(XatlError):
+    """The output folder exists and --force was not given."""

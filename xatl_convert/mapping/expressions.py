@@ -1,0 +1,111 @@
+"""`${source.key}` expressions in mapping files, evaluated without `eval`.
+
+An expression reads keys of the source config (nested with dots) and combines integers with + - * // % and
+parentheses. A value that is exactly one `${...}` keeps the result's type; an expression inside a longer string is
+interpolated as text.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import operator
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+EXPRESSION = re.compile(r"\$\{([^}]*)\}")
+
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Div: operator.truediv,
+}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+class ExpressionError(ValueError):
+    """An expression that does not parse, uses a forbidden construct, or names an unknown key."""
+
+
+def is_expression(value: object) -> bool:
+    return isinstance(value, str) and EXPRESSION.search(value) is not None
+
+
+def evaluate(text: str, namespace: Mapping[str, Any]) -> Any:
+    """Evaluate one expression body (without `${}`) against a namespace such as {"source": config}."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise ExpressionError(f"cannot parse expression ${{{text}}}") from None
+    return _evaluate_node(tree.body, namespace, text)
+
+
+def substitute(value: Any, namespace: Mapping[str, Any]) -> Any:
+    """Replace every `${...}` in a YAML value (recursively through lists and dicts)."""
+    if isinstance(value, dict):
+        return {key: substitute(item, namespace) for key, item in value.items()}
+    if isinstance(value, list):
+        return [substitute(item, namespace) for item in value]
+    if not isinstance(value, str):
+        return value
+    whole = EXPRESSION.fullmatch(value.strip())
+    if whole:
+        return evaluate(whole.group(1), namespace)
+    return EXPRESSION.sub(lambda match: str(evaluate(match.group(1), namespace)), value)
+
+
+def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float | str | bool):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left = _evaluate_node(node.left, namespace, text)
+        right = _evaluate_node(node.right, namespace, text)
+        _require_number(left, text)
+        _require_number(right, text)
+        try:
+            return _BINARY[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise ExpressionError(f"division by zero in ${{{text}}}") from None
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        operand = _evaluate_node(node.operand, namespace, text)
+        _require_number(operand, text)
+        return _UNARY[type(node.op)](operand)
+    if isinstance(node, ast.Name | ast.Attribute):
+        return _lookup(_dotted_name(node, text), namespace, text)
+    raise ExpressionError(
+        f"${{{text}}}: only config keys, numbers and + - * / // % are allowed, not {type(node).__name__}"
+    )
+
+
+def _dotted_name(node: ast.AST, text: str) -> list[str]:
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        raise ExpressionError(f"${{{text}}}: expected a dotted name such as source.hidden_size")
+    parts.append(node.id)
+    return parts[::-1]
+
+
+def _lookup(parts: list[str], namespace: Mapping[str, Any], text: str) -> Any:
+    value: Any = namespace
+    walked: list[str] = []
+    for part in parts:
+        if not isinstance(value, Mapping) or part not in value:
+            known = sorted(value) if isinstance(value, Mapping) else []
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean {'.'.join([*walked, near[0]])!r}?" if near else ""
+            raise ExpressionError(f"${{{text}}}: unknown key {'.'.join([*walked, part])!r}{hint}")
+        value = value[part]
+        walked.append(part)
+    return value
+
+
+def _require_number(value: Any, text: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ExpressionError(f"${{{text}}}: arithmetic on a non-number ({value!r})")

@@ -1,0 +1,61 @@
+"""Which layers keep attention: explicit indices or a named hybrid preset.
+
+Presets:
+- ``none``: every layer gets the LCI mixer (the default);
+- ``all``: every layer stays attention (the converted model then reproduces the source exactly);
+- ``paper``: layers 1 and N/2 - 1, as kept in the XATL paper;
+- ``every-K``: every K-th layer (K-1, 2K-1, ...), e.g. every-2 for 50% Mamba, every-8 for 87.5%.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+PRESETS = {
+    "none": "no attention layers (pure LCI model)",
+    "all": "every layer kept as attention (reproduces the source exactly)",
+    "paper": "layers 1 and N/2-1, as in the XATL paper",
+    "every-K": "every K-th layer kept as attention (every-2: 50% LCI, every-4: 75%, every-8: 87.5%)",
+}
+
+_EVERY = re.compile(r"every-(\d+)")
+
+
+def attention_layer_indices(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """Resolve a preset name, a comma list ("1,11") or a list of ints to sorted, checked indices."""
+    if isinstance(spec, str):
+        indices = _preset_or_list(spec.strip(), num_layers)
+    else:
+        indices = [int(index) for index in spec]
+    for index in indices:
+        if not 0 <= index < num_layers:
+            raise ValueError(f"attention layer {index} is out of range: the model has layers 0..{num_layers - 1}")
+    return sorted(set(indices))
+
+
+def layer_types(attention_layers: Sequence[int], num_layers: int, mixer: str) -> list[str]:
+    """One mixer name per layer: 'attention' where kept, the LCI mixer elsewhere."""
+    kept = set(attention_layers)
+    return ["attention" if index in kept else mixer for index in range(num_layers)]
+
+
+def _preset_or_list(spec: str, num_layers: int) -> list[int]:
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "paper":
+        return [1, num_layers // 2 - 1] if num_layers >= 4 else [min(1, num_layers - 1)]
+    every = _EVERY.fullmatch(spec)
+    if every:
+        step = int(every.group(1))
+        if step < 1:
+            raise ValueError("every-K needs K >= 1")
+        return [index for index in range(num_layers) if index % step == step - 1]
+    try:
+        return [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{spec!r} is neither a comma-separated list of layer indices nor a preset ({', '.join(PRESETS)})"
+        ) from None

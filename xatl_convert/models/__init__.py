@@ -1,0 +1,43 @@
+"""The `xatl` model family, registered with transformers' Auto classes on import.
+
+After `import xatl_convert.models`, `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` resolve `model_type: xatl`
+without `trust_remote_code` (converted folders also carry copies of the two files for remote-code loading).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_xatl import LAYER_TYPES, MAMBA_DEFAULTS, XatlConfig
+from .modeling_xatl import (
+    XatlAttention,
+    XatlBlock,
+    XatlForCausalLM,
+    XatlMamba,
+    XatlMLP,
+    XatlModel,
+    XatlPreTrainedModel,
+    XatlRMSNorm,
+    init_xatl_weights,
+    rotary_cos_sin,
+    selective_scan_reference,
+)
+
+AutoConfig.register(XatlConfig.model_type, XatlConfig, exist_ok=True)
+AutoModel.register(XatlConfig, XatlModel, exist_ok=True)
+AutoModelForCausalLM.register(XatlConfig, XatlForCausalLM, exist_ok=True)
+
+__all__ = [
+    "LAYER_TYPES",
+    "MAMBA_DEFAULTS",
+    "XatlAttention",
+    "XatlBlock",
+    "XatlConfig",
+    "XatlForCausalLM",
+    "XatlMLP",
+    "XatlMamba",
+    "XatlModel",
+    "XatlPreTrainedModel",
+    "XatlRMSNorm",
+    "init_xatl_weights",
+    "rotary_cos_sin",
+    "selective_scan_reference",
+]

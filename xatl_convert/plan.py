@@ -1,0 +1,334 @@
+"""Mapping + source + target skeleton → ConversionPlan: one entry per target tensor, checked before any write.
+
+Every source tensor ends up consumed by a rule or listed as dropped with a reason; every target tensor is produced
+by a rule or initialised. Anything else is a PlanError naming the tensors, before a byte is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from xatl_convert.errors import MappingError, PlanError, UnsupportedModelError
+from xatl_convert.mapping.expressions import ExpressionError
+from xatl_convert.mapping.layers import attention_layer_indices, layer_types
+from xatl_convert.mapping.schema import LAYER_PATTERN, InitRule, Mapping, TensorRule
+from xatl_convert.models import XatlConfig, XatlForCausalLM
+from xatl_convert.sources.checkpoint import SourceCheckpoint
+from xatl_convert.transforms import TransformChain, TransformShapeError
+
+Status = Literal["transferred", "initialised"]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """How one target tensor comes to be: from which source tensors and transform, or from which init."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    status: Status
+    rule: str
+    sources: tuple[str, ...] = ()
+    transform: TransformChain | None = None
+    strategy: str | None = None
+    group: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+    @property
+    def init_unit(self) -> str:
+        """The module that initialises this tensor as a whole (a layer's mixer, MLP or norm; else the owner)."""
+        parts = self.name.split(".")
+        if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers":
+            return ".".join(parts[:4])
+        return ".".join(parts[:-1])
+
+
+@dataclass
+class ConversionPlan:
+    """The whole conversion, decided: target config, one entry per target tensor, and the dropped sources."""
+
+    source: SourceCheckpoint
+    mapping: Mapping
+    target_config: XatlConfig
+    tensors: list[PlannedTensor]
+    dropped: dict[str, str]
+    attention_layers: list[int]
+    dtype: torch.dtype
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return list(self.target_config.layer_types)
+
+    def by_status(self, status: Status) -> list[PlannedTensor]:
+        return [tensor for tensor in self.tensors if tensor.status == status]
+
+    def total_bytes(self, status: Status | None = None) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors if status is None or tensor.status == status)
+
+
+def build_plan(
+    source: SourceCheckpoint,
+    mapping: Mapping,
+    attention_layers: str | Sequence[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> ConversionPlan:
+    """Decide every target tensor; raise PlanError (or MappingError) before anything is written."""
+    if source.model_type not in mapping.source.model_types:
+        raise UnsupportedModelError(
+            f"{source.reference}: model_type {source.model_type!r} does not match mapping {mapping.name!r} "
+            f"(which converts {', '.join(mapping.source.model_types)})"
+        )
+    source_config = normalised_source_config(source)
+    try:
+        bound = mapping.bind(source_config)
+    except ExpressionError as error:
+        raise MappingError(f"{mapping.file}: {error}") from None
+    config_values = _merge_overrides(bound.target.config, overrides or {})
+    options = {**bound.options, **config_values.pop("options", {})}
+    bound = bound.model_copy(update={"options": options})
+    num_layers = int(config_values.get("num_hidden_layers", 0))
+    spec = attention_layers if attention_layers is not None else bound.target.attention_layers
+    try:
+        kept = attention_layer_indices(spec, num_layers)
+    except ValueError as error:
+        raise PlanError(f"--attn-layers: {error}") from None
+    try:
+        target_config = XatlConfig(**config_values, layer_types=layer_types(kept, num_layers, bound.target.mixer))
+    except (TypeError, ValueError) as error:
+        raise PlanError(f"{mapping.file}: target config is invalid: {error}") from None
+    target_shapes = target_tensor_shapes(target_config)
+    output_dtype = dtype or dominant_dtype(source)
+    planner = _Planner(source, bound, target_config, target_shapes, output_dtype)
+    tensors, dropped = planner.run()
+    return ConversionPlan(
+        source=source,
+        mapping=bound,
+        target_config=target_config,
+        tensors=tensors,
+        dropped=dropped,
+        attention_layers=kept,
+        dtype=output_dtype,
+        seed=seed,
+        overrides=dict(overrides or {}),
+    )
+
+
+def normalised_source_config(source: SourceCheckpoint) -> dict[str, Any]:
+    """The source config.json, with transformers' current names filled in (e.g. rope_parameters)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError):
+        return dict(source.config)  # a model_type transformers does not know: the raw names are all there is
+    return {**source.config, **config.to_dict()}
+
+
+def target_tensor_shapes(config: XatlConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the target model saves, in model order, from a skeleton built on the meta device."""
+    with torch.device("meta"):
+        model = XatlForCausalLM(config)
+    return {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
+
+
+def dominant_dtype(source: SourceCheckpoint) -> torch.dtype:
+    """The floating dtype that holds most of the source's bytes: the default output dtype."""
+    counts: Counter[torch.dtype] = Counter()
+    for info in source.tensors.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] += info.nbytes
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted `--set` keys (mamba.d_state=32, options.transfer_attention_output=false) to the config."""
+    merged: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise PlanError(f"--set {dotted}: {part!r} is not a group of settings")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def _layer_regex(pattern: str) -> re.Pattern[str]:
+    """`{i}` matches a layer index (captured), `*` matches the rest of a dotted name."""
+    escaped = re.escape(pattern).replace(re.escape(LAYER_PATTERN), r"(?P<layer>\d+)").replace(r"\*", ".+")
+    return re.compile(escaped)
+
+
+class _Planner:
+    """Walks the rules once; holds the bookkeeping so that build_plan reads top to bottom."""
+
+    def __init__(
+        self,
+        source: SourceCheckpoint,
+        mapping: Mapping,
+        config: XatlConfig,
+        target_shapes: dict[str, tuple[int, ...]],
+        dtype: torch.dtype,
+    ) -> None:
+        self.source = source
+        self.mapping = mapping
+        self.layer_types = list(config.layer_types)
+        self.target_shapes = target_shapes
+        self.dtype = dtype
+        self.produced: dict[str, PlannedTensor] = {}
+        self.consumed: set[str] = set()
+        self.dropped: dict[str, str] = {}
+
+    def run(self) -> tuple[list[PlannedTensor], dict[str, str]]:
+        for rule in self.mapping.rules:
+            for target, sources in self._expand(rule):
+                self._apply(rule, target, sources)
+        tensors = [self.produced.get(name) or self._initialise(name) for name in self.target_shapes]
+        self._drop_unconsumed()
+        return tensors, {name: reason for name, reason in self.dropped.items() if name not in self.consumed}
+
+    def _expand(self, rule: TensorRule) -> Iterator[tuple[str, list[str]]]:
+        layers: list[int | None] = [None]
+        if any(LAYER_PATTERN in name for name in (rule.target, *rule.sources)):
+            layers = [index for index, kind in enumerate(self.layer_types) if rule.where in (None, kind)]
+        for layer in layers:
+            target = rule.target.replace(LAYER_PATTERN, str(layer))
+            sources = [name.replace(LAYER_PATTERN, str(layer)) for name in rule.sources]
+            if "*" not in target:
+                yield target, sources
+                continue
+            regex = re.compile(re.escape(sources[0]).replace(r"\*", "(.+)"))
+            matches = [(name, regex.fullmatch(name)) for name in self.source.tensors]
+            found = [(name, match.group(1)) for name, match in matches if match]
+            if not found and not rule.optional:
+                raise PlanError(f"{rule.location}: {sources[0]!r} matches no tensor of {self.source.reference}")
+            for name, rest in found:
+                yield target.replace("*", rest), [name]
+
+    def _apply(self, rule: TensorRule, target: str, sources: list[str]) -> None:
+        missing = [name for name in sources if name not in self.source.tensors]
+        if missing:
+            if rule.optional:
+                return
+            near = difflib.get_close_matches(missing[0], self.source.tensors, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise PlanError(f"{rule.location}: source tensor {missing[0]!r} is not in {self.source.reference}{hint}")
+        if rule.when is not None and not self.mapping.options.get(rule.when, False):
+            self._drop(sources, f"option {rule.when} is off ({rule.location})")
+            return
+        expected = self.target_shapes.get(target)
+        if expected is None:
+            if rule.optional:
+                self._drop(sources, f"the target model has no {target} ({rule.location})")
+                return
+            near = difflib.get_close_matches(target, self.target_shapes, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise PlanError(f"{rule.location}: target tensor {target!r} does not exist in the xatl model{hint}")
+        if target in self.produced:
+            raise PlanError(
+                f"{rule.location}: {target!r} is already produced by the rule at {self.produced[target].rule}"
+            )
+        chain = rule.transform_chain()
+        shapes = [self.source.tensors[name].shape for name in sources]
+        try:
+            produced_shape = chain.output_shape(shapes)
+        except TransformShapeError as error:
+            raise PlanError(f"{rule.location}: {target} ← {', '.join(sources)} {shapes}: {error}") from None
+        if produced_shape != expected:
+            reason = (
+                f"{chain.describe()} of {', '.join(sources)} gives shape {list(produced_shape)}, "
+                f"but {target} has shape {list(expected)}"
+            )
+            if rule.on_mismatch == "drop":
+                self._drop(sources, f"{reason} ({rule.location})")
+                return
+            raise PlanError(f"{rule.location}: {reason}")
+        self.produced[target] = PlannedTensor(
+            name=target,
+            shape=expected,
+            dtype=self.dtype,
+            status="transferred",
+            rule=rule.location,
+            sources=tuple(sources),
+            transform=chain,
+            group=rule.group,
+        )
+        self.consumed.update(sources)
+
+    def _drop(self, sources: list[str], reason: str) -> None:
+        for name in sources:
+            self.dropped.setdefault(name, reason)
+
+    def _matches_layer(self, match: re.Match[str], where: str | None) -> bool:
+        if where is None or "layer" not in match.groupdict():
+            return True
+        index = int(match.group("layer"))
+        return index < len(self.layer_types) and self.layer_types[index] == where
+
+    def _init_rule_for(self, name: str) -> InitRule | None:
+        for rule in self.mapping.init:
+            match = _layer_regex(rule.target).fullmatch(name)
+            if match and self._matches_layer(match, rule.where):
+                return rule
+        return None
+
+    def _initialise(self, name: str) -> PlannedTensor:
+        rule = self._init_rule_for(name)
+        if rule is None:
+            unplanned = [target for target in self.target_shapes if target not in self.produced]
+            unmatched = [target for target in unplanned if self._init_rule_for(target) is None]
+            raise PlanError(
+                f"{self.mapping.file}: {len(unmatched)} target tensor(s) are neither produced by a rule nor "
+                "initialised: " + _list_names(unmatched)
+            )
+        return PlannedTensor(
+            name=name,
+            shape=self.target_shapes[name],
+            dtype=self.dtype,
+            status="initialised",
+            rule=rule.location,
+            strategy=rule.strategy,
+            group="mixer",
+        )
+
+    def _drop_unconsumed(self) -> None:
+        leftover: list[str] = []
+        for name in self.source.tensors:
+            if name in self.consumed or name in self.dropped:
+                continue
+            for rule in self.mapping.drop:
+                match = _layer_regex(rule.source).fullmatch(name)
+                if match and self._matches_layer(match, rule.where):
+                    self.dropped[name] = f"{rule.reason} ({rule.location})"
+                    break
+            else:
+                leftover.append(name)
+        if leftover:
+            raise PlanError(
+                f"{self.mapping.file}: {len(leftover)} source tensor(s) are neither used by a rule nor dropped: "
+                + _list_names(leftover)
+            )
+
+
+def _list_names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … and {len(names) - limit} more" if len(names) > limit else "")
