@@ -200,13 +200,14 @@ class _Planner:
 
     def run(self) -> tuple[list[PlannedTensor], dict[str, str]]:
         for rule in self.mapping.rules:
-            for target, sources in self._expand(rule):
-                self._apply(rule, target, sources)
+            for pairs in self._expand(rule):
+                self._apply_layer(rule, pairs)
         tensors = [self.produced.get(name) or self._initialise(name) for name in self.target_shapes]
         self._drop_unconsumed()
         return tensors, {name: reason for name, reason in self.dropped.items() if name not in self.consumed}
 
-    def _expand(self, rule: TensorRule) -> Iterator[tuple[str, list[str]]]:
+    def _expand(self, rule: TensorRule) -> Iterator[list[tuple[str, list[str]]]]:
+        """Per layer (or once, without `{i}`), the (target, sources) pairs that the rule names."""
         layers: list[int | None] = [None]
         if any(LAYER_PATTERN in name for name in (rule.target, *rule.sources)):
             layers = [index for index, kind in enumerate(self.layer_types) if rule.where in (None, kind)]
@@ -214,15 +215,44 @@ class _Planner:
             target = rule.target.replace(LAYER_PATTERN, str(layer))
             sources = [name.replace(LAYER_PATTERN, str(layer)) for name in rule.sources]
             if "*" not in target:
-                yield target, sources
+                yield [(target, sources)]
                 continue
             regex = re.compile(re.escape(sources[0]).replace(r"\*", "(.+)"))
             matches = [(name, regex.fullmatch(name)) for name in self.source.tensors]
             found = [(name, match.group(1)) for name, match in matches if match]
             if not found and not rule.optional:
                 raise PlanError(f"{rule.location}: {sources[0]!r} matches no tensor of {self.source.reference}")
-            for name, rest in found:
-                yield target.replace("*", rest), [name]
+            yield [(target.replace("*", rest), [name]) for name, rest in found]
+
+    def _apply_layer(self, rule: TensorRule, pairs: list[tuple[str, list[str]]]) -> None:
+        """A rule moves a layer's tensors as a unit: with on_mismatch=drop, one misfit drops them all (W_O with
+        its bias), so that no half-transferred module is left."""
+        if rule.on_mismatch == "drop":
+            for target, sources in pairs:
+                misfit = self._misfit(rule, target, sources)
+                if misfit:
+                    for _, group_sources in pairs:
+                        self._drop(group_sources, f"{misfit} ({rule.location})")
+                    return
+        for target, sources in pairs:
+            self._apply(rule, target, sources)
+
+    def _misfit(self, rule: TensorRule, target: str, sources: list[str]) -> str | None:
+        """Why the rule's output does not fit the target tensor's shape, or None."""
+        expected = self.target_shapes.get(target)
+        if expected is None or any(name not in self.source.tensors for name in sources):
+            return None
+        chain = rule.transform_chain()
+        try:
+            produced = chain.output_shape([self.source.tensors[name].shape for name in sources])
+        except TransformShapeError as error:
+            return str(error)
+        if produced == expected:
+            return None
+        return (
+            f"{chain.describe()} of {', '.join(sources)} gives shape {list(produced)}, "
+            f"but {target} has shape {list(expected)}"
+        )
 
     def _apply(self, rule: TensorRule, target: str, sources: list[str]) -> None:
         missing = [name for name in sources if name not in self.source.tensors]
@@ -247,21 +277,11 @@ class _Planner:
             raise PlanError(
                 f"{rule.location}: {target!r} is already produced by the rule at {self.produced[target].rule}"
             )
+        misfit = self._misfit(rule, target, sources)
+        if misfit:
+            shapes = [list(self.source.tensors[name].shape) for name in sources]
+            raise PlanError(f"{rule.location}: {target} ← {', '.join(sources)} {shapes}: {misfit}")
         chain = rule.transform_chain()
-        shapes = [self.source.tensors[name].shape for name in sources]
-        try:
-            produced_shape = chain.output_shape(shapes)
-        except TransformShapeError as error:
-            raise PlanError(f"{rule.location}: {target} ← {', '.join(sources)} {shapes}: {error}") from None
-        if produced_shape != expected:
-            reason = (
-                f"{chain.describe()} of {', '.join(sources)} gives shape {list(produced_shape)}, "
-                f"but {target} has shape {list(expected)}"
-            )
-            if rule.on_mismatch == "drop":
-                self._drop(sources, f"{reason} ({rule.location})")
-                return
-            raise PlanError(f"{rule.location}: {reason}")
         self.produced[target] = PlannedTensor(
             name=target,
             shape=expected,
