@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -32,8 +33,15 @@ app = typer.Typer(
 mappings_app = typer.Typer(help="List, show and validate mapping files.", no_args_is_help=True)
 app.add_typer(mappings_app, name="mappings")
 
-console = Console()
-errors = Console(stderr=True)
+PIPED_WIDTH = 200  # tables written to a file or CI log are not squeezed to 80 columns
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console bound to the current stdout/stderr (created per command, so tests can capture it)."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else int(os.environ.get("COLUMNS", PIPED_WIDTH))
+    return Console(stderr=stderr, width=width)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
@@ -50,7 +58,7 @@ def parse_size(text: str) -> int:
 
 
 def _fail(error: XatlError) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    _console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     return typer.Exit(error.exit_code)
 
 
@@ -91,8 +99,8 @@ def convert_command(
         overrides = parse_overrides(set_values or [])
         if dry_run:
             plan = plan_conversion(source, to, mapping, attn_layers, overrides, torch_dtype, seed)
-            console.print(plan_table(plan))
-            console.print(dropped_table(plan))
+            _console().print(plan_table(plan))
+            _console().print(dropped_table(plan))
             return
         plan = convert(
             source,
@@ -106,12 +114,12 @@ def convert_command(
             force=force,
             max_shard_bytes=shard_bytes,
             command_line=shlex.join(["xatl", *sys.argv[1:]]),
-            show_progress=console.is_terminal,
+            show_progress=sys.stdout.isatty(),
         )
     except XatlError as error:
         raise _fail(error) from None
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
-    console.print(
+    _console().print(
         f"[green]wrote[/] {out}: {len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
         f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
         f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}"
@@ -134,7 +142,7 @@ def verify_command(
         report = run_verify(output, source, seed)
     except XatlError as error:
         raise _fail(error) from None
-    console.print(verify_table(report))
+    _console().print(verify_table(report))
     if json_path is not None:
         report.write_json(json_path)
     raise typer.Exit(0 if report.passed else 1)
@@ -146,7 +154,7 @@ def mappings_list() -> None:
     for name, path in builtin_mappings().items():
         mapping = load_mapping(path)
         kinds = ", ".join(mapping.source.model_types)
-        console.print(f"[bold]{name}[/]  {kinds} → {mapping.target.mixer}  [dim]{mapping.description}[/]")
+        _console().print(f"[bold]{name}[/]  {kinds} → {mapping.target.mixer}  [dim]{mapping.description}[/]")
 
 
 @mappings_app.command("show")
@@ -156,7 +164,7 @@ def mappings_show(name: Annotated[str, typer.Argument(help="Built-in mapping nam
         mapping = load_mapping(name)
     except XatlError as error:
         raise _fail(error) from None
-    console.print(Syntax(mapping.text, "yaml", background_color="default"))
+    _console().print(Syntax(mapping.text, "yaml", background_color="default"))
 
 
 @mappings_app.command("validate")
@@ -171,13 +179,13 @@ def mappings_validate(
     try:
         mapping = load_mapping(file)
         if source is None:
-            console.print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)")
+            _console().print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)")
             return
         with resolve_source(source) as checkpoint:
             plan = build_plan(checkpoint, mapping, attn_layers)
     except XatlError as error:
         raise _fail(error) from None
-    console.print(
+    _console().print(
         f"[green]ok[/] {file} covers {source}: {len(plan.by_status('transferred'))} transferred, "
         f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped"
     )

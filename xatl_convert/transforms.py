@@ -268,7 +268,8 @@ def parse_transform(spec: Any) -> TransformChain:
 
 
 def _first_problem(error: ValidationError, cls: type[Transform]) -> str:
-    problem = error.errors()[0]
+    # an unknown key usually explains the missing one next to it (a typo), so report it first
+    problem = sorted(error.errors(), key=lambda item: item["type"] != "extra_forbidden")[0]
     key = ".".join(str(part) for part in problem["loc"])
     if problem["type"] == "extra_forbidden":
         near = difflib.get_close_matches(key, cls.model_fields, n=1)

@@ -73,7 +73,7 @@ def parse_mapping(text: str, file: str = "<mapping>") -> Mapping:
 
 
 def _describe_validation_error(error: ValidationError, root: yaml.Node | None, file: str) -> str:
-    problem = error.errors()[0]
+    problem = sorted(error.errors(), key=lambda item: item["type"] != "extra_forbidden")[0]
     location = tuple(part for part in problem["loc"] if not _is_union_tag(part))
     node = _node_at(root, location)
     position = f"{file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else file
