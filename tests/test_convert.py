@@ -220,3 +220,24 @@ def test_shard_size_limit_splits_output_with_index(neox_checkpoint: Path, tmp_pa
             for name in handle.keys():  # noqa: SIM118
                 total += handle.get_tensor(name).numel() * 4
     assert index["metadata"]["total_size"] == total
+
+
+def test_failure_while_writing_leaves_no_output_and_no_temporary_folder(
+    neox_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xatl_convert import writer
+
+    produced = 0
+    original = writer.TensorProducer.produce
+
+    def fail_midway(self, planned):
+        nonlocal produced
+        produced += 1
+        if produced == 10:
+            raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, which the writer maps to it) raises
+        return original(self, planned)
+
+    monkeypatch.setattr(writer.TensorProducer, "produce", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        convert(neox_checkpoint, tmp_path / "out", max_shard_bytes=10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

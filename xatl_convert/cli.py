@@ -99,6 +99,7 @@ def convert_command(
         overrides = parse_overrides(set_values or [])
         if dry_run:
             plan = plan_conversion(source, to, mapping, attn_layers, overrides, torch_dtype, seed)
+            plan.source.close()
             _console().print(plan_table(plan))
             _console().print(dropped_table(plan))
             return
@@ -122,7 +123,8 @@ def convert_command(
     _console().print(
         f"[green]wrote[/] {out}: {len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
         f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
-        f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}"
+        f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}",
+        soft_wrap=True,
     )
 
 
@@ -138,6 +140,9 @@ def verify_command(
     """Check a converted model: tensors, exact transfers, forward pass, losses. Exit 1 if a check fails."""
     if not (output / "xatl_manifest.json").is_file():
         raise _fail(XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?"))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one table is the output; no per-model loading bars
     try:
         report = run_verify(output, source, seed)
     except XatlError as error:
