@@ -45,7 +45,7 @@ def test_convert_then_verify_from_the_command_line(neox_checkpoint: Path, tmp_pa
     assert result.exit_code == 0, result.output
     assert "transferred" in result.stdout
     manifest = json.loads((out / "xatl_manifest.json").read_text())
-    assert manifest["command_line"].startswith("xatl ")
+    assert manifest["command_line"] == f"xatl convert {neox_checkpoint} --out {out} --attn-layers 1"
     report_path = tmp_path / "report.json"
     result = runner.invoke(app, ["verify", str(out), "--json", str(report_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -106,6 +106,7 @@ def test_existing_output_is_kept_without_force(neox_checkpoint: Path, tmp_path: 
     assert (out / "precious.txt").read_text() == "keep me"
     result = runner.invoke(app, ["convert", str(neox_checkpoint), "--out", str(out), "--force"])
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "xatl_manifest.json").read_text())["command_line"].endswith(" --force")
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
 
@@ -125,6 +126,8 @@ def test_set_overrides_reach_the_config(neox_checkpoint: Path, tmp_path: Path) -
     result = runner.invoke(app, ["convert", str(neox_checkpoint), "--out", str(out), "--set", "mamba.d_state=8"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["mamba"]["d_state"] == 8
+    command = json.loads((out / "xatl_manifest.json").read_text())["command_line"]
+    assert command == f"xatl convert {neox_checkpoint} --out {out} --set mamba.d_state=8"
 
 
 def test_mappings_list_and_show() -> None:

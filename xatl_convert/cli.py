@@ -57,6 +57,25 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
 
 
+def _command_line(context: typer.Context) -> str:
+    """The command as the user typed it, rebuilt from the options given on the command line (for provenance)."""
+    words = ["xatl", *context.command_path.split()[1:]]
+    for parameter in context.command.params:
+        name = parameter.name or ""
+        source = context.get_parameter_source(name)
+        if source is None or source.name != "COMMANDLINE":  # typer vendors click: compare by name
+            continue
+        value = context.params.get(name)
+        if parameter.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(parameter, "is_flag", False):
+            words.append(parameter.opts[0] if value else parameter.secondary_opts[0])
+        else:
+            for item in value if isinstance(value, list | tuple) else [value]:
+                words += [parameter.opts[0], str(item)]
+    return shlex.join(words)
+
+
 def _fail(error: XatlError) -> typer.Exit:
     _console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     return typer.Exit(error.exit_code)
@@ -64,6 +83,7 @@ def _fail(error: XatlError) -> typer.Exit:
 
 @app.command("convert")
 def convert_command(
+    context: typer.Context,
     source: Annotated[str, typer.Argument(help="Source checkpoint: a local folder with config.json and weights.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
     to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
@@ -114,7 +134,7 @@ def convert_command(
             seed=seed,
             force=force,
             max_shard_bytes=shard_bytes,
-            command_line=shlex.join(["xatl", *sys.argv[1:]]),
+            command_line=_command_line(context),
             show_progress=sys.stdout.isatty(),
         )
     except XatlError as error:
