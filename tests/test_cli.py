@@ -147,3 +147,20 @@ def test_mappings_validate(neox_checkpoint: Path, with_source: bool) -> None:
     result = runner.invoke(app, arguments, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert ("covers" in result.stdout) == with_source
+
+
+def test_user_mapping_file_drives_the_conversion(neox_checkpoint: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(builtin_mappings()["gpt-neox-to-mamba"].read_text())
+    data["name"] = "my-neox"
+    data["target"]["config"]["mamba"]["d_state"] = 4
+    data["target"]["attention_layers"] = "paper"
+    mapping = tmp_path / "my-neox.yaml"
+    mapping.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(neox_checkpoint), "--out", str(out), "--mapping", str(mapping)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["mamba"]["d_state"] == 4
+    assert config["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
+    manifest = json.loads((out / "xatl_manifest.json").read_text())
+    assert manifest["mapping"]["name"] == "my-neox" and manifest["mapping"]["file"] == str(mapping)
