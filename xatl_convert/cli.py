@@ -13,6 +13,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+from rich.table import Table
 
 from xatl_convert.conversion import TARGETS, convert, parse_overrides, plan_conversion
 from xatl_convert.errors import XatlError
@@ -20,6 +21,7 @@ from xatl_convert.mapping import builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import PRESETS
 from xatl_convert.plan import build_plan
 from xatl_convert.sources import resolve_source
+from xatl_convert.sources.aliases import ALIASES
 from xatl_convert.tables import dropped_table, plan_table, verify_table
 from xatl_convert.verify import verify as run_verify
 from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES
@@ -84,9 +86,21 @@ def _fail(error: XatlError) -> typer.Exit:
 @app.command("convert")
 def convert_command(
     context: typer.Context,
-    source: Annotated[str, typer.Argument(help="Source checkpoint: a local folder with config.json and weights.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Source checkpoint: a local folder, a Hub id (org/name, org/name@revision) or an alias "
+            "(see `xatl sources`)."
+        ),
+    ],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
     to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision: branch, tag or commit (same as SRC@revision).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub).")
+    ] = None,
     mapping: Annotated[
         str | None, typer.Option(help="Mapping file or built-in mapping name (default: chosen by model_type).")
     ] = None,
@@ -118,7 +132,7 @@ def convert_command(
     try:
         overrides = parse_overrides(set_values or [])
         if dry_run:
-            plan = plan_conversion(source, to, mapping, attn_layers, overrides, torch_dtype, seed)
+            plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, torch_dtype, seed)
             plan.source.close()
             _console().print(plan_table(plan))
             _console().print(dropped_table(plan))
@@ -127,6 +141,8 @@ def convert_command(
             source,
             out,  # type: ignore[arg-type]
             to=to,
+            revision=revision,
+            cache_dir=cache_dir,
             mapping=mapping,
             attn_layers=attn_layers,
             overrides=overrides,
@@ -171,6 +187,17 @@ def verify_command(
     if json_path is not None:
         report.write_json(json_path)
     raise typer.Exit(0 if report.passed else 1)
+
+
+@app.command("sources")
+def sources_command() -> None:
+    """List the source aliases (e.g. pythia-410m → EleutherAI/pythia-410m)."""
+    table = Table(title="source aliases (any Hub id org/name[@revision] or local folder works too)")
+    table.add_column("alias")
+    table.add_column("Hub id")
+    for alias, repo_id in ALIASES.items():
+        table.add_row(alias, repo_id)
+    _console().print(table)
 
 
 @mappings_app.command("list")

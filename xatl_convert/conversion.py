@@ -47,6 +47,8 @@ def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
 def plan_conversion(
     source: str | Path | SourceCheckpoint,
     to: str = "mamba",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
     mapping: str | Path | None = None,
     attn_layers: str | Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -56,7 +58,7 @@ def plan_conversion(
     """Resolve the source and build the plan; nothing is written."""
     if to not in TARGETS:
         raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
-    checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source)
+    checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source, revision, cache_dir)
     chosen = select_mapping(checkpoint, to, mapping)
     return build_plan(checkpoint, chosen, attn_layers, overrides, dtype, seed)
 
@@ -65,6 +67,8 @@ def convert(
     source: str | Path | SourceCheckpoint,
     out: str | Path,
     to: str = "mamba",
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
     mapping: str | Path | None = None,
     attn_layers: str | Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
@@ -77,7 +81,7 @@ def convert(
 ) -> ConversionPlan:
     """Convert a source checkpoint into an xatl folder at `out`; returns the plan that was executed."""
     ensure_writable(Path(out), force)
-    plan = plan_conversion(source, to, mapping, attn_layers, overrides, dtype, seed)
+    plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)
     try:
         write_output(plan, Path(out), force, max_shard_bytes, command_line, show_progress)
     finally:
