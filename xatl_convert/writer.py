@@ -137,8 +137,8 @@ class TensorProducer:
             tensor = torch.ones(planned.shape)
         else:
             tensor = self._initialised(planned)
-        # contiguous + clone detaches the result from the memory map and from the transform's views
-        return tensor.to(planned.dtype).contiguous().clone()
+        # Source reads are fresh buffers; contiguous() copies only where a transform left a strided view.
+        return tensor.to(planned.dtype).contiguous()
 
     def _initialised(self, planned: PlannedTensor) -> torch.Tensor:
         unit = planned.init_unit

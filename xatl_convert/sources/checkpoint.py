@@ -1,21 +1,22 @@
 """A source checkpoint: its config, its tokenizer files and a lazy index of its tensors.
 
-Safetensors files are memory-mapped, so listing names and shapes costs nothing and a tensor is read only when the
-writer asks for it. A ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which refuses any
-pickled code.
+Listing a safetensors file reads only its JSON header, so names, shapes and byte offsets cost nothing. A tensor is
+read when the writer asks for it, with one positioned read into a fresh buffer. We do not keep the file
+memory-mapped: every page touched through a mapping stays in the process's resident set until the mapping closes,
+so converting through `safe_open` grows RSS to the size of the whole source (measured: a 1 GiB file read tensor by
+tensor through safe_open peaked at 1.25 GB RSS), which breaks the memory budget of a streamed conversion.
+A ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which refuses any pickled code.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from xatl_convert.errors import SourceError
 
@@ -57,6 +58,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int | None = None  # absolute byte offset of the data in a safetensors file
 
     @property
     def nbytes(self) -> int:
@@ -75,8 +77,6 @@ class SourceCheckpoint:
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
     revision: str | None = None
-    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
     _torch_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -92,12 +92,8 @@ class SourceCheckpoint:
         info = self.tensors.get(name)
         if info is None:
             raise SourceError(f"{self.path}: no tensor named {name!r}")
-        if info.file.endswith(".safetensors"):
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._stack.enter_context(safe_open(self.path / info.file, framework="pt"))
-                self._handles[info.file] = handle
-            return handle.get_tensor(name)
+        if info.offset is not None:
+            return _read_range(self.path / info.file, info)
         state = self._torch_state.get(info.file)
         if state is None:
             state = _torch_load(self.path / info.file)
@@ -108,8 +104,6 @@ class SourceCheckpoint:
         return iter(self.tensors)
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
         self._torch_state.clear()
 
     def __enter__(self) -> SourceCheckpoint:
@@ -173,19 +167,49 @@ def _shard_files(index_path: Path) -> list[str]:
 def _index_safetensors(path: Path, files: list[str]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        try:
-            with safe_open(path / file, framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                    sliced = handle.get_slice(name)
-                    dtype = _SAFETENSORS_DTYPES.get(sliced.get_dtype())
-                    if dtype is None:
-                        raise SourceError(f"{path / file}: tensor {name!r} has unsupported dtype {sliced.get_dtype()}")
-                    tensors[name] = TensorInfo(name, tuple(sliced.get_shape()), dtype, file)
-        except SourceError:
-            raise
-        except Exception as error:  # safetensors raises its own error types for corrupt headers
-            raise SourceError(f"{path / file}: cannot read safetensors header ({error})") from None
+        for info in _read_safetensors_header(path / file):
+            tensors[info.name] = info
     return tensors
+
+
+def _read_safetensors_header(file: Path) -> list[TensorInfo]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) into names, shapes and offsets."""
+    try:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= min(100 * 1024 * 1024, file.stat().st_size - 8):
+                raise ValueError(f"header length {length} does not fit the file")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise SourceError(f"{file}: not a readable safetensors file ({error})") from None
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise SourceError(f"{file}: tensor {name!r} has unsupported dtype {entry.get('dtype')}")
+        start, end = entry["data_offsets"]
+        info = TensorInfo(name, tuple(entry["shape"]), dtype, file.name, offset=8 + length + start)
+        if end - start != info.nbytes:
+            raise SourceError(f"{file}: tensor {name!r} has {end - start} bytes, its shape needs {info.nbytes}")
+        infos.append(info)
+    return infos
+
+
+def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes straight into a new tensor (no memory map, no intermediate copy)."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    with file.open("rb", buffering=0) as handle:
+        handle.seek(info.offset or 0)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < info.nbytes:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise SourceError(f"{file}: truncated while reading tensor {info.name!r}")
+            done += count
+    return buffer.view(info.dtype).reshape(info.shape)
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
