@@ -1,6 +1,6 @@
 """A tiny fake Hugging Face Hub HTTP server for offline tests (stdlib only).
 
-Start it on 127.0.0.1 (any free port), point ``HF_ENDPOINT`` at :attr:`FakeHub.endpoint` *before*
+Start it on 127.0.0.1 (any free port) and point ``HF_ENDPOINT`` at :attr:`FakeHub.endpoint` *before*
 huggingface_hub is imported (it reads the variable at import time, so run the client in a subprocess or pass
 ``endpoint=`` explicitly), and the real ``huggingface_hub.snapshot_download`` code path works against it::
 
@@ -101,7 +101,9 @@ class FakeHub:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -241,3 +241,13 @@ def test_failure_while_writing_leaves_no_output_and_no_temporary_folder(
     with pytest.raises(KeyboardInterrupt):
         convert(neox_checkpoint, tmp_path / "out", max_shard_bytes=10_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_corrupt_safetensors_header_is_a_clear_error(make_neox, tmp_path: Path) -> None:
+    from xatl_convert.errors import SourceError
+
+    folder = make_neox()
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(SourceError, match=r"model.safetensors: not a readable safetensors file"):
+        convert(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -43,10 +43,17 @@ def download_from_hub(
     repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None
 ) -> tuple[Path, str | None]:
     """Fetch config, tokenizer and weights of a Hub model into the HF cache; returns (folder, commit sha)."""
-    folder = _snapshot(repo_id, revision, cache_dir, CONFIG_PATTERNS + SAFETENSORS_PATTERNS)
-    if not any(folder.glob("*.safetensors")):
+    try:
+        folder: Path | None = _snapshot(repo_id, revision, cache_dir, CONFIG_PATTERNS + SAFETENSORS_PATTERNS)
+    except _IncompleteCache:
+        folder = None  # offline, and the cache holds this repo's .bin weights rather than safetensors
+    if folder is None or not any(folder.glob("*.safetensors")):
         folder = _snapshot(repo_id, revision, cache_dir, CONFIG_PATTERNS + TORCH_PATTERNS)
     return folder, _commit_of(folder)
+
+
+class _IncompleteCache(SourceError):
+    """Offline, and the cached snapshot lacks files that the requested patterns would fetch."""
 
 
 def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, patterns: list[str]) -> Path:
@@ -54,6 +61,7 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -74,6 +82,11 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
         raise SourceError(
             f"{where}: repository not found on the Hub, or private and not accessible with your token "
             "(log in with hf auth login or set HF_TOKEN)"
+        ) from None
+    except IncompleteSnapshotError:
+        raise _IncompleteCache(
+            f"{where}: the cached copy is incomplete and the Hub cannot be reached (offline mode or no network); "
+            "connect once, or unset HF_HUB_OFFLINE"
         ) from None
     except LocalEntryNotFoundError:
         raise SourceError(
