@@ -5,7 +5,10 @@ child process, wall time and peak RSS (from os.wait4, so per child) of:
   floor   read every source tensor with safetensors and write the same bytes as safetensors shards;
   convert `xatl convert SRC --out OUT --max-shard-size ...`;
   naive   transformers from_pretrained, state-dict surgery to the same target tensors, save_pretrained.
-Every run starts with the source in the page cache (it is read once beforehand), so the comparison is fair.
+Every run starts with the source in the page cache (it is read once beforehand) and with earlier output flushed
+to disk (sync), and each is repeated: the table shows the best time and the highest peak RSS. The parent process
+never imports torch and builds checkpoints in a child too: Linux carries a parent's resident set into a forked
+child's ru_maxrss, so a large parent would inflate every child's peak.
 
     python benchmarks/convert_bench.py                    # both shapes
     python benchmarks/convert_bench.py --shapes 410m      # one shape
@@ -143,7 +146,7 @@ def child_naive(source: Path, out: Path, reference_config: Path) -> None:
 def run_child(arguments: list[str]) -> tuple[float, float]:
     """Run one measurement in a child process; returns (wall seconds, peak RSS in GiB) of that child alone."""
     start = time.perf_counter()
-    process = subprocess.Popen(arguments, cwd=ROOT, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(arguments, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -159,7 +162,7 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def measure(name: str, source: Path, work: Path, shard_size: str) -> dict[str, tuple[float, float]]:
+def measure(name: str, source: Path, work: Path, shard_size: str, repeats: int) -> dict[str, tuple[float, float]]:
     shard_bytes = int(shard_size.rstrip("G")) * 1024**3
     results: dict[str, tuple[float, float]] = {}
     outputs = {kind: work / f"{name}-{kind}" for kind in ("floor", "convert", "naive")}
@@ -182,9 +185,14 @@ def measure(name: str, source: Path, work: Path, shard_size: str) -> dict[str, t
         "naive": [*me, "--child", "naive", str(source), str(outputs["naive"]), str(outputs["convert"])],
     }
     for kind, arguments in runs.items():
-        warm(source)
-        results[kind] = run_child(arguments)
-        print(f"  {name} {kind:8s} {results[kind][0]:7.1f} s  {results[kind][1]:6.2f} GiB", flush=True)
+        samples = []
+        for _ in range(repeats):
+            shutil.rmtree(outputs[kind], ignore_errors=True)
+            warm(source)
+            os.sync()
+            samples.append(run_child(arguments))
+            print(f"  {name} {kind:8s} {samples[-1][0]:7.1f} s  {samples[-1][1]:6.2f} GiB", flush=True)
+        results[kind] = (min(time for time, _ in samples), max(rss for _, rss in samples))
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
     return results
@@ -194,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="410m,1.4b")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement (best time is kept)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,6 +210,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "floor":
             child_floor(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        elif kind == "build":
+            build_checkpoint(Path(rest[0]), SHAPES[rest[1]])
         else:
             child_naive(Path(rest[0]), Path(rest[1]), Path(rest[2]))
         return
@@ -210,9 +221,9 @@ def main() -> None:
         source = args.work / f"pythia-{name}-random"
         if not (source / "config.json").is_file():
             print(f"building {source} ...", flush=True)
-            build_checkpoint(source, SHAPES[name])
+            run_child([sys.executable, __file__, "--child", "build", str(source), name])
         # the 1.4b shape runs with 1G shards, the memory-budget case of the issue
-        table[name] = measure(name, source, args.work, "1G" if name == "1.4b" else "2G")
+        table[name] = measure(name, source, args.work, "1G" if name == "1.4b" else "2G", args.repeats)
     print()
     print(
         "| shape | floor s | convert s | naive s | floor GiB | convert GiB | naive GiB | convert/floor time "
