@@ -164,3 +164,20 @@ def test_user_mapping_file_drives_the_conversion(neox_checkpoint: Path, tmp_path
     assert config["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
     manifest = json.loads((out / "xatl_manifest.json").read_text())
     assert manifest["mapping"]["name"] == "my-neox" and manifest["mapping"]["file"] == str(mapping)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("2G", 2 * 1024**3), ("500M", 500 * 1024**2), ("1.5K", 1536), ("4096", 4096), ("1gb", 1024**3)],
+)
+def test_max_shard_size_takes_bytes_with_suffixes(text: str, expected: int) -> None:
+    from xatl_convert.cli import parse_size
+
+    assert parse_size(text) == expected
+
+
+def test_max_shard_size_rejects_nonsense(neox_checkpoint: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["convert", str(neox_checkpoint), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"]
+    )
+    assert result.exit_code == 2 and "expected bytes with an optional K/M/G/T suffix" in result.output
