@@ -242,15 +242,17 @@ def _progress(plan: ConversionPlan, show: bool) -> Iterator[Any]:
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
+        TextColumn("{task.fields[tensor_rate]:.0f} tensors/s"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("write", total=plan.total_bytes(), done=0, count=total_tensors)
+        task = progress.add_task("write", total=plan.total_bytes(), done=0, count=total_tensors, tensor_rate=0.0)
         done = 0
 
         def advance(nbytes: int) -> None:
             nonlocal done
             done += 1
-            progress.update(task, advance=nbytes, done=done)
+            elapsed = progress.tasks[task].elapsed or 0.0
+            progress.update(task, advance=nbytes, done=done, tensor_rate=done / elapsed if elapsed > 0 else 0.0)
 
         yield advance
