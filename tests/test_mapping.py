@@ -74,6 +74,15 @@ def test_expressions_do_integer_arithmetic_on_source_keys() -> None:
     }
 
 
+def test_or_takes_the_first_alternative_that_exists() -> None:
+    namespace = {"source": {"hidden_size": 64, "num_attention_heads": 4, "attention_bias": False, "head_dim": None}}
+    assert evaluate("source.head_dim or source.hidden_size // source.num_attention_heads", namespace) == 16
+    assert evaluate("source.attention_bias or True", namespace) is False  # present, so kept even though falsy
+    assert evaluate("source.mlp_bias or False", namespace) is False
+    with pytest.raises(ExpressionError, match="none of the alternatives exists"):
+        evaluate("source.a or source.b", namespace)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -1,8 +1,9 @@
 """`${source.key}` expressions in mapping files, evaluated without `eval`.
 
 An expression reads keys of the source config (nested with dots) and combines integers with + - * // % and
-parentheses. A value that is exactly one `${...}` keeps the result's type; an expression inside a longer string is
-interpolated as text.
+parentheses. `a or b` gives the first operand that exists and is not null, for keys that only some source configs
+carry (`${source.head_dim or source.hidden_size // source.num_attention_heads}`). A value that is exactly one
+`${...}` keeps the result's type; an expression inside a longer string is interpolated as text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.USub: operator.neg,
 
 class ExpressionError(ValueError):
     """An expression that does not parse, uses a forbidden construct, or names an unknown key."""
+
+
+class _MissingKey(ExpressionError):
+    """A key that the config does not have (an `or` moves on to its next alternative)."""
 
 
 def is_expression(value: object) -> bool:
@@ -74,10 +79,19 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
         operand = _evaluate_node(node.operand, namespace, text)
         _require_number(operand, text)
         return _UNARY[type(node.op)](operand)
+    if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+        for operand in node.values:
+            try:
+                value = _evaluate_node(operand, namespace, text)
+            except _MissingKey:
+                continue
+            if value is not None:
+                return value
+        raise ExpressionError(f"${{{text}}}: none of the alternatives exists in the source config")
     if isinstance(node, ast.Name | ast.Attribute):
         return _lookup(_dotted_name(node, text), namespace, text)
     raise ExpressionError(
-        f"${{{text}}}: only config keys, numbers and + - * / // % are allowed, not {type(node).__name__}"
+        f"${{{text}}}: only config keys, numbers, + - * / // % and `or` are allowed, not {type(node).__name__}"
     )
 
 
@@ -100,7 +114,7 @@ def _lookup(parts: list[str], namespace: Mapping[str, Any], text: str) -> Any:
             known = sorted(value) if isinstance(value, Mapping) else []
             near = difflib.get_close_matches(part, known, n=1)
             hint = f"; did you mean {'.'.join([*walked, near[0]])!r}?" if near else ""
-            raise ExpressionError(f"${{{text}}}: unknown key {'.'.join([*walked, part])!r}{hint}")
+            raise _MissingKey(f"${{{text}}}: unknown key {'.'.join([*walked, part])!r}{hint}")
         value = value[part]
         walked.append(part)
     return value
