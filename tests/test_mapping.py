@@ -160,3 +160,43 @@ def test_shape_mismatch_without_drop_names_rule_tensors_and_shapes(neox_checkpoi
         r"split_heads: dimension 0 of \[96, 32\] must be a multiple of parts × heads = 3 × 5",
     ):
         _plan_with(data, neox_checkpoint)
+
+
+def _with_copy_init(expand: int) -> dict:
+    data = _builtin_data()
+    data["rules"] = [rule for rule in data["rules"] if rule.get("where") != "mamba"]
+    data["init"].insert(
+        0,
+        {
+            "target": "model.layers.{i}.mixer.out_proj.*",
+            "where": "mamba",
+            "strategy": "copy",
+            "source": "gpt_neox.layers.{i}.attention.dense.*",
+        },
+    )
+    data["target"]["config"]["mamba"]["expand"] = expand
+    return data
+
+
+def test_copy_init_takes_the_source_tensor_where_the_shape_fits(neox_checkpoint: Path) -> None:
+    plan = _plan_with(_with_copy_init(expand=1), neox_checkpoint)
+    planned = {tensor.name: tensor for tensor in plan.tensors}
+    out_proj = planned["model.layers.2.mixer.out_proj.weight"]
+    assert out_proj.status == "transferred" and out_proj.sources == ("gpt_neox.layers.2.attention.dense.weight",)
+    assert planned["model.layers.2.mixer.in_proj.weight"].strategy == "default"
+    assert "gpt_neox.layers.2.attention.dense.weight" not in plan.dropped
+
+
+def test_copy_init_falls_back_to_default_init_and_reports_the_drop(neox_checkpoint: Path) -> None:
+    plan = _plan_with(_with_copy_init(expand=2), neox_checkpoint)
+    planned = {tensor.name: tensor for tensor in plan.tensors}
+    weight = planned["model.layers.2.mixer.out_proj.weight"]
+    assert weight.status == "initialised" and weight.strategy == "default"
+    assert "init copy: shape [32, 32] does not fit" in plan.dropped["gpt_neox.layers.2.attention.dense.weight"]
+    assert planned["model.layers.2.mixer.out_proj.bias"].status == "transferred"  # [32] still fits
+
+
+def test_copy_init_needs_a_source() -> None:
+    text = "name: x\nsource: {model_type: a}\ntarget: {}\nrules: []\ninit:\n  - {target: t, strategy: copy}\n"
+    with pytest.raises(MappingError, match=r"m.yaml:6:\d+: init.0: strategy 'copy' needs a 'source'"):
+        parse_mapping(text, "m.yaml")

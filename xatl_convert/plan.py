@@ -21,7 +21,7 @@ from xatl_convert.mapping.layers import attention_layer_indices, layer_types
 from xatl_convert.mapping.schema import LAYER_PATTERN, InitRule, Mapping, TensorRule
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources.checkpoint import SourceCheckpoint
-from xatl_convert.transforms import TransformChain, TransformShapeError
+from xatl_convert.transforms import TransformChain, TransformShapeError, parse_transform
 
 Status = Literal["transferred", "initialised"]
 
@@ -173,9 +173,19 @@ def _merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[
 
 
 def _layer_regex(pattern: str) -> re.Pattern[str]:
-    """`{i}` matches a layer index (captured), `*` matches the rest of a dotted name."""
-    escaped = re.escape(pattern).replace(re.escape(LAYER_PATTERN), r"(?P<layer>\d+)").replace(r"\*", ".+")
-    return re.compile(escaped)
+    """`{i}` matches a layer index (captured as `layer`), `*` matches the rest of a dotted name (captured as `rest`)."""
+    escaped = re.escape(pattern).replace(re.escape(LAYER_PATTERN), r"(?P<layer>\d+)")
+    return re.compile(escaped.replace(r"\*", "(?P<rest>.+)", 1).replace(r"\*", ".+"))
+
+
+def _fill_pattern(pattern: str, match: re.Match[str] | None) -> str:
+    """Put the layer index and the `*` part that a target matched into a source pattern."""
+    groups = match.groupdict() if match else {}
+    if groups.get("layer") is not None:
+        pattern = pattern.replace(LAYER_PATTERN, groups["layer"])
+    if groups.get("rest") is not None:
+        pattern = pattern.replace("*", groups["rest"], 1)
+    return pattern
 
 
 class _Planner:
@@ -320,14 +330,42 @@ class _Planner:
                 f"{self.mapping.file}: {len(unmatched)} target tensor(s) are neither produced by a rule nor "
                 "initialised: " + _list_names(unmatched)
             )
+        strategy = rule.strategy
+        if rule.source is not None:
+            source = _fill_pattern(rule.source, _layer_regex(rule.target).fullmatch(name))
+            copied = self._copy_if_fits(rule, name, source)
+            if copied is not None:
+                return copied
+            strategy = "default"
         return PlannedTensor(
             name=name,
             shape=self.target_shapes[name],
             dtype=self.dtype,
             status="initialised",
             rule=rule.location,
-            strategy=rule.strategy,
+            strategy=strategy,
             group="mixer",
+        )
+
+    def _copy_if_fits(self, rule: InitRule, target: str, source: str) -> PlannedTensor | None:
+        """The init strategy `copy`: take the source tensor when it exists with the target's shape."""
+        info = self.source.tensors.get(source)
+        if info is None:
+            return None
+        if info.shape != self.target_shapes[target]:
+            self._drop([source], f"init copy: shape {list(info.shape)} does not fit {target} "
+                       f"{list(self.target_shapes[target])}, default init used ({rule.location})")  # fmt: skip
+            return None
+        self.consumed.add(source)
+        return PlannedTensor(
+            name=target,
+            shape=info.shape,
+            dtype=self.dtype,
+            status="transferred",
+            rule=rule.location,
+            sources=(source,),
+            transform=parse_transform("copy"),
+            strategy="copy",
         )
 
     def _drop_unconsumed(self) -> None:

@@ -16,7 +16,7 @@ from xatl_convert.transforms import TransformChain, parse_transform
 LayerType = Literal["attention", "mamba"]
 LCI_MIXERS: tuple[str, ...] = ("mamba",)
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
-InitStrategy = Literal["default", "zeros", "ones"]
+InitStrategy = Literal["default", "zeros", "ones", "copy"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
 IntOrExpression = int | ExpressionText
 
@@ -79,15 +79,21 @@ class TensorRule(_Located):
 
 
 class InitRule(_Located):
-    """Initialise target tensors that no rule produces: the target module's own init, or a constant."""
+    """Initialise target tensors that no rule produces: the target module's own init, a constant, or (`copy`) a
+    source tensor where its shape fits, falling back to the default init where it does not."""
 
     target: str
     where: LayerType | None = None
     strategy: InitStrategy = "default"
+    source: str | None = Field(default=None, description="with strategy copy: the source tensor ({i} and * allowed)")
 
     @model_validator(mode="after")
     def _consistent(self) -> InitRule:
         _check_layer_filter(self.where, self.target)
+        if (self.strategy == "copy") != (self.source is not None):
+            raise ValueError("strategy 'copy' needs a 'source', and only 'copy' takes one")
+        if self.source is not None and self.source.count("*") != self.target.count("*"):
+            raise ValueError("a '*' in the target needs one in the source, and the other way round")
         return self
 
 
