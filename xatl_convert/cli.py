@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -15,14 +16,16 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from xatl_convert.conversion import TARGETS, convert, parse_overrides, plan_conversion
+from xatl_convert.conversion import TARGETS, applicable_mappings, convert, parse_overrides, plan_conversion
 from xatl_convert.errors import XatlError
-from xatl_convert.mapping import builtin_mappings, load_mapping
+from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import PRESETS
+from xatl_convert.mapping.scaffold import scaffold_mapping
 from xatl_convert.plan import build_plan
 from xatl_convert.sources import resolve_source
 from xatl_convert.sources.aliases import ALIASES
-from xatl_convert.tables import dropped_table, plan_table, verify_table
+from xatl_convert.sources.inventory import build_inventory
+from xatl_convert.tables import dropped_table, inventory_tree, plan_table, verify_table
 from xatl_convert.verify import verify as run_verify
 from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES
 
@@ -189,6 +192,22 @@ def verify_command(
     raise typer.Exit(0 if report.passed else 1)
 
 
+@app.command("inspect")
+def inspect_command(
+    source: Annotated[str, typer.Argument(help="Local folder, Hub id (org/name[@revision]) or alias.")],
+    revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Hugging Face cache folder.")] = None,
+) -> None:
+    """Print the tensor inventory as a tree (per layer: shapes and dtypes) and which built-in mappings apply."""
+    try:
+        with resolve_source(source, revision, cache_dir) as checkpoint:
+            inventory = build_inventory(checkpoint)
+            applicable = applicable_mappings(checkpoint)
+    except XatlError as error:
+        raise _fail(error) from None
+    _console().print(inventory_tree(source, inventory, applicable))
+
+
 @app.command("sources")
 def sources_command() -> None:
     """List the source aliases (e.g. pythia-410m → EleutherAI/pythia-410m)."""
@@ -217,6 +236,33 @@ def mappings_show(name: Annotated[str, typer.Argument(help="Built-in mapping nam
     except XatlError as error:
         raise _fail(error) from None
     _console().print(Syntax(mapping.text, "yaml", background_color="default"))
+
+
+@mappings_app.command("new")
+def mappings_new(
+    source: Annotated[str, typer.Option(help="Checkpoint to scaffold from (folder, Hub id or alias).")],
+    to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    out: Annotated[Path | None, typer.Option(help="Write the YAML here instead of to stdout.")] = None,
+) -> None:
+    """Scaffold a mapping from a source's tensor inventory: {i} rules, recognised names filled in, TODOs marked."""
+    try:
+        with resolve_source(source) as checkpoint:
+            text = scaffold_mapping(checkpoint, to)
+    except XatlError as error:
+        raise _fail(error) from None
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        _console(stderr=True).print(
+            f"wrote {out}; fill in the TODOs, then: xatl mappings validate {out} --source {source}"
+        )
+
+
+@mappings_app.command("schema")
+def mappings_schema() -> None:
+    """Print the JSON Schema of the mapping format (for editor completion and validation)."""
+    sys.stdout.write(json.dumps(Mapping.model_json_schema(), indent=2) + "\n")
 
 
 @mappings_app.command("validate")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import yaml
 
-from xatl_convert.errors import PlanError, UnsupportedModelError
+from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -31,6 +31,25 @@ def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str
         f"{source.reference}: model_type {source.model_type!r} has no built-in mapping to {target!r} "
         f"(supported: {', '.join(supported)}); write one and pass --mapping FILE"
     )
+
+
+def applicable_mappings(source: SourceCheckpoint) -> dict[str, str]:
+    """Built-in mappings for this source's model_type, each with whether a full plan succeeds (or why not)."""
+    verdicts: dict[str, str] = {}
+    for name, path in builtin_mappings().items():
+        mapping = load_mapping(path)
+        if source.model_type not in mapping.source.model_types:
+            continue
+        try:
+            plan = build_plan(source, mapping)
+        except XatlError as error:
+            verdicts[name] = f"does not fit: {error}"
+            continue
+        verdicts[name] = (
+            f"applies (→ {mapping.target.mixer}: {len(plan.by_status('transferred'))} tensors transferred, "
+            f"{len(plan.by_status('initialised'))} initialised)"
+        )
+    return verdicts
 
 
 def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:

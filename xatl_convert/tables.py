@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.tree import Tree
 
 from xatl_convert.plan import ConversionPlan
+from xatl_convert.sources.inventory import Inventory
 from xatl_convert.verify.report import VerifyReport
 
 _STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
@@ -61,3 +63,27 @@ def verify_table(report: VerifyReport) -> Table:
     for check in report.checks:
         table.add_row(check.name, check.value, check.bound, _STATUS_STYLE[check.status])
     return table
+
+
+def inventory_tree(reference: str, inventory: Inventory, applicable: dict[str, str]) -> Tree:
+    """Tensors outside the layers, per-layer `{i}` patterns with shapes and dtypes, and the mappings that apply."""
+    tree = Tree(
+        f"[bold]{reference}[/] model_type {inventory.model_type!r}, {inventory.num_layers} layers, "
+        f"{inventory.total_bytes:,} bytes"
+    )
+    outside = tree.add("tensors outside the layers")
+    for info in inventory.outside:
+        outside.add(f"{info.name}  {list(info.shape)} {str(info.dtype).removeprefix('torch.')}")
+    layers = tree.add(f"per layer ({{i}} = 0..{inventory.num_layers - 1})")
+    for pattern in inventory.per_layer:
+        shape = list(pattern.shapes[0]) if pattern.uniform else "shapes differ by layer"
+        missing = (
+            "" if len(pattern.layers) == inventory.num_layers else f"  [yellow]only layers {list(pattern.layers)}[/]"
+        )
+        layers.add(f"{pattern.pattern}  {shape} {pattern.dtype}{missing}")
+    mappings = tree.add("built-in mappings")
+    if not applicable:
+        mappings.add("[yellow]none for this model_type[/]; start one with: xatl mappings new --source SRC")
+    for name, verdict in applicable.items():
+        mappings.add(f"{name}: {verdict}")
+    return tree

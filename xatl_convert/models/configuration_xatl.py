@@ -14,9 +14,16 @@ try:  # transformers >= 5 spells it PreTrainedConfig; the old alias is kept for 
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LAYER_TYPES: tuple[str, ...] = ("attention", "mamba")
 NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
+
+DEFAULT_ROPE_THETA = 10000.0
+# RoPE variants computed by transformers' own functions (`modeling_rope_utils.ROPE_INIT_FUNCTIONS`; "default" is a
+# method of each model's rotary class there, so ours is a copy of GPT-NeoX's). "dynamic" and "longrope" recompute
+# inv_freq from the sequence length, as transformers' `dynamic_rope_update` does on a freshly loaded model.
+SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(("default", *ROPE_INIT_FUNCTIONS)))
 
 MAMBA_DEFAULTS: dict[str, Any] = {
     "d_state": 16,
@@ -38,6 +45,12 @@ class XatlConfig(PreTrainedConfig):
 
     `layer_types[i]` picks layer i's mixer. `mamba` holds mamba-ssm's Mamba (v1) mixer arguments, merged over
     `MAMBA_DEFAULTS` and with `dt_rank` resolved, so config.json is explicit about every shape.
+
+    RoPE is described by a flat transformers-style `rope_parameters` dict (`rope_type`, `rope_theta`, optional
+    `partial_rotary_factor`, and the type's own keys, e.g. llama3's `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`); it is what config.json stores. The legacy `rope_theta=` and
+    `partial_rotary_factor=` arguments (older config.json files) build the default one, `rope_scaling=` is read as
+    an alias of `rope_parameters`; `rope_theta` and `partial_rotary_factor` stay readable as properties.
     """
 
     model_type = "xatl"
@@ -61,8 +74,10 @@ class XatlConfig(PreTrainedConfig):
         head_dim: int | None = None,
         attention_bias: bool = True,
         attention_out_bias: bool = True,
-        partial_rotary_factor: float = 1.0,
-        rope_theta: float = 10000.0,
+        partial_rotary_factor: float | None = None,
+        rope_theta: float | None = None,
+        rope_parameters: dict[str, Any] | None = None,
+        rope_scaling: dict[str, Any] | None = None,
         max_position_embeddings: int = 2048,
         mamba: dict[str, Any] | None = None,
         tie_word_embeddings: bool = False,
@@ -89,9 +104,12 @@ class XatlConfig(PreTrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
-        self.partial_rotary_factor = partial_rotary_factor
-        self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
+        # Set before super().__init__, which standardises it (e.g. fills llama3/yarn/longrope's
+        # `original_max_position_embeddings` from max_position_embeddings when absent) and validates it.
+        self.rope_parameters = self._build_rope_parameters(
+            rope_parameters if rope_parameters is not None else rope_scaling, rope_theta, partial_rotary_factor
+        )
         self.mamba = self._merge_mamba(mamba, hidden_size)
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -107,6 +125,51 @@ class XatlConfig(PreTrainedConfig):
         # vocabulary ("mamba" → "linear_attention", "attention" → "full_attention"), which would lose ours.
         self.layer_types = list(layer_types) if layer_types is not None else ["mamba"] * num_hidden_layers
         self.validate()
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope_parameters.get("rope_theta", DEFAULT_ROPE_THETA)
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters["rope_theta"] = value
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return self.rope_parameters.get("partial_rotary_factor", 1.0)
+
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, value: float) -> None:
+        self.rope_parameters["partial_rotary_factor"] = value
+
+    @staticmethod
+    def _build_rope_parameters(
+        rope_parameters: dict[str, Any] | None, rope_theta: float | None, partial_rotary_factor: float | None
+    ) -> dict[str, Any]:
+        """A fresh flat dict: `rope_parameters` (copied) or the default RoPE, legacy arguments merged in."""
+        if rope_parameters is None:
+            return {
+                "rope_type": "default",
+                "rope_theta": DEFAULT_ROPE_THETA if rope_theta is None else rope_theta,
+                "partial_rotary_factor": 1.0 if partial_rotary_factor is None else partial_rotary_factor,
+            }
+        if not isinstance(rope_parameters, dict) or any(isinstance(v, dict) for v in rope_parameters.values()):
+            raise ValueError(
+                f"rope_parameters must be one flat dict (per-layer-type RoPE is not supported), got {rope_parameters!r}"
+            )
+        params = copy.deepcopy(rope_parameters)
+        if "type" in params:  # the pre-4.45 spelling of rope_type
+            legacy_type = params.pop("type")
+            params.setdefault("rope_type", legacy_type)
+        params.setdefault("rope_type", "default")
+        for key, value in (("rope_theta", rope_theta), ("partial_rotary_factor", partial_rotary_factor)):
+            if value is None:
+                continue
+            if key in params and params[key] != value:
+                raise ValueError(f"{key}={value} conflicts with rope_parameters[{key!r}]={params[key]}")
+            params[key] = value
+        params.setdefault("rope_theta", DEFAULT_ROPE_THETA)
+        return params
 
     @staticmethod
     def _merge_mamba(mamba: dict[str, Any] | None, hidden_size: int) -> dict[str, Any]:
@@ -129,6 +192,11 @@ class XatlConfig(PreTrainedConfig):
             )
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {self.norm_type!r}")
+        rope_type = self.rope_parameters.get("rope_type")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_parameters['rope_type']={rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+            )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -145,6 +213,8 @@ class XatlConfig(PreTrainedConfig):
             parent_validate = getattr(super(), "validate", None)
             if parent_validate is not None:
                 parent_validate()
+        except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
+            raise ValueError(f"invalid rope_parameters {self.rope_parameters}: {error}") from error
         finally:
             if layer_types is not None:
                 self.layer_types = layer_types
