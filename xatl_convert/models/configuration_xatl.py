@@ -101,7 +101,6 @@ class XatlConfig(PreTrainedConfig):
         self.parallel_residual = parallel_residual
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
         self.max_position_embeddings = max_position_embeddings
@@ -114,16 +113,21 @@ class XatlConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                pad_token_id=pad_token_id,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+                tie_word_embeddings=tie_word_embeddings,
+                **kwargs,
+            )
+        except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
+            raise ValueError(f"invalid rope_parameters {self.rope_parameters}: {error}") from error
         # Set after super().__init__: transformers 5 rewrites a config's `layer_types` there into its own
         # vocabulary ("mamba" → "linear_attention", "attention" → "full_attention"), which would lose ours.
         self.layer_types = list(layer_types) if layer_types is not None else ["mamba"] * num_hidden_layers
+        # Also after super().__init__, whose RoPE validation rejects an odd head_dim; see `validate`.
+        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.validate()
 
     @property
@@ -169,6 +173,11 @@ class XatlConfig(PreTrainedConfig):
                 raise ValueError(f"{key}={value} conflicts with rope_parameters[{key!r}]={params[key]}")
             params[key] = value
         params.setdefault("rope_theta", DEFAULT_ROPE_THETA)
+        if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_parameters['rope_type']={params['rope_type']!r}; "
+                f"supported: {list(SUPPORTED_ROPE_TYPES)}"
+            )
         return params
 
     @staticmethod
@@ -207,8 +216,13 @@ class XatlConfig(PreTrainedConfig):
         """Run transformers' validators with `layer_types` hidden from them, then ours.
 
         transformers' strict validator (run by __init__ and save_pretrained) accepts only its own layer-type names.
+        Its RoPE check (an even rotary dimension) reads `head_dim`, which is hidden too when no layer is attention:
+        RoPE is unused then, and Mamba-only configs may have any hidden_size / num_attention_heads.
         """
         layer_types = self.__dict__.pop("layer_types", None)
+        hidden: dict[str, Any] = {}
+        if layer_types is not None and "attention" not in layer_types and "head_dim" in self.__dict__:
+            hidden["head_dim"] = self.__dict__.pop("head_dim")
         try:
             parent_validate = getattr(super(), "validate", None)
             if parent_validate is not None:
@@ -216,6 +230,7 @@ class XatlConfig(PreTrainedConfig):
         except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
             raise ValueError(f"invalid rope_parameters {self.rope_parameters}: {error}") from error
         finally:
+            self.__dict__.update(hidden)
             if layer_types is not None:
                 self.layer_types = layer_types
         if layer_types is not None:  # None while super().__init__ runs, before layer_types is set

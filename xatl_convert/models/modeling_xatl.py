@@ -19,6 +19,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_xatl import XatlConfig
 
@@ -129,19 +130,69 @@ class XatlMLP(nn.Module):
         return self.fc2(self.act(hidden_states))
 
 
+def compute_default_rope_parameters(
+    config: XatlConfig, device: torch.device | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, float]:
+    """The "default" RoPE inv_freq, a copy of transformers' GPT-NeoX `compute_default_rope_parameters`.
+
+    transformers 5 keeps "default" out of `ROPE_INIT_FUNCTIONS` (it is a method of each rotary class). Unlike
+    Llama's copy, this one honours `rope_parameters["partial_rotary_factor"]` (1.0 when absent), as GPT-NeoX needs.
+    """
+    base = config.rope_parameters["rope_theta"]
+    partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * partial_rotary_factor)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv_freq.to(device), 1.0
+
+
+def _rope_init_fn(rope_type: str) -> Callable[..., tuple[torch.Tensor, float]]:
+    if rope_type in ROPE_INIT_FUNCTIONS:  # also "default" in older transformers, which kept it there
+        return ROPE_INIT_FUNCTIONS[rope_type]
+    if rope_type == "default":
+        return compute_default_rope_parameters
+    raise ValueError(f"unsupported rope_type {rope_type!r}; known: {['default', *ROPE_INIT_FUNCTIONS]}")
+
+
+def rope_inv_freq(config: XatlConfig, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention_scaling) exactly as transformers' Llama-style rotary module has them for this call.
+
+    inv_freq comes from transformers' own `ROPE_INIT_FUNCTIONS[rope_type](config, device)`, called as the rotary
+    module's __init__ does (fp32, on the CPU), so results match bit for bit. "dynamic" and "longrope" then follow
+    `dynamic_rope_update` for a freshly built module: dynamic NTK recomputes inv_freq on the input's device for
+    seq_len = max(position_ids) + 1 when that exceeds max_position_embeddings; longrope switches to its long
+    factors when seq_len exceeds original_max_position_embeddings. Stateless: unlike transformers, a call never
+    reuses the frequencies of an earlier, longer one.
+    """
+    rope_type = config.rope_parameters["rope_type"]
+    init_fn = _rope_init_fn(rope_type)
+    inv_freq, attention_scaling = init_fn(config)
+    if "dynamic" in rope_type:
+        seq_len = torch.max(position_ids) + 1
+        if seq_len > config.max_position_embeddings:
+            inv_freq, attention_scaling = init_fn(config, position_ids.device, seq_len=seq_len)
+    elif rope_type == "longrope":
+        seq_len = torch.max(position_ids) + 1
+        original_max = config.rope_parameters["original_max_position_embeddings"]
+        if seq_len > original_max:
+            inv_freq, _ = init_fn(config, position_ids.device, seq_len=original_max + 1)
+    return inv_freq, attention_scaling
+
+
 def rotary_cos_sin(
     config: XatlConfig, position_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (batch, L, rotary_dims), built exactly as transformers' GPT-NeoX / Llama default RoPE.
+    """cos, sin of shape (batch, L, rotary_dims), built exactly as transformers' GPT-NeoX / Llama rotary modules.
 
-    inv_freq is computed on the CPU in fp32, as transformers does at init, so results match bit for bit.
-    Nothing is stored in a buffer: a meta-device model made real by `to_empty` has nothing to re-initialise.
+    See `rope_inv_freq`; cos and sin are scaled by the rope type's attention_scaling (yarn, longrope), as Llama
+    does. Nothing is stored in a buffer: a meta-device model made real by `to_empty` has nothing to re-initialise.
     """
-    dim = int(config.head_dim * config.partial_rotary_factor)
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    inv_freq, attention_scaling = rope_inv_freq(config, position_ids)
+    freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos = emb.cos() * attention_scaling
+    sin = emb.sin() * attention_scaling
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +559,9 @@ __all__ = [
     "XatlModel",
     "XatlPreTrainedModel",
     "XatlRMSNorm",
+    "compute_default_rope_parameters",
     "init_xatl_weights",
+    "rope_inv_freq",
     "rotary_cos_sin",
     "selective_scan_reference",
 ]
