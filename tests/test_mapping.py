@@ -74,6 +74,14 @@ def test_expressions_do_integer_arithmetic_on_source_keys() -> None:
     }
 
 
+def test_conditional_chooses_by_comparison() -> None:
+    namespace = {"source": {"model_type": "qwen2", "attention_bias": False}}
+    assert evaluate('True if source.model_type == "qwen2" else source.attention_bias', namespace) is True
+    namespace["source"]["model_type"] = "llama"
+    assert evaluate('True if source.model_type == "qwen2" else source.attention_bias', namespace) is False
+    assert evaluate('1 if source.model_type != "llama" else 2', namespace) == 2
+
+
 def test_or_takes_the_first_alternative_that_exists() -> None:
     namespace = {"source": {"hidden_size": 64, "num_attention_heads": 4, "attention_bias": False, "head_dim": None}}
     assert evaluate("source.head_dim or source.hidden_size // source.num_attention_heads", namespace) == 16

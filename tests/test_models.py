@@ -1,7 +1,9 @@
-"""Behaviour of the xatl model family (xatl_convert/models): exactness against GPT-NeoX, init, scan, IO."""
+"""Behaviour of the xatl model family (xatl_convert/models): exactness against GPT-NeoX and Llama / Mistral / Qwen2
+(RoPE scaling included), init, scan, IO."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,7 +16,20 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import xatl_convert.models
 from xatl_convert.models import (
@@ -24,6 +39,7 @@ from xatl_convert.models import (
     init_xatl_weights,
     selective_scan_reference,
 )
+from xatl_convert.models.modeling_xatl import rotary_cos_sin
 
 VOCAB, HIDDEN, HEADS = 128, 64, 4
 
@@ -103,6 +119,206 @@ def test_attention_model_reproduces_gpt_neox_logits(parallel: bool, rotary_pct: 
         expected = neox(ids).logits
         got = model(ids).logits
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+# Llama-family sources: RMSNorm, gated SiLU MLP, sequential residual, q/k/v blocked per head, RoPE with scaling.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+LONGROPE_ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],  # head_dim 16 → 8 frequencies
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0],
+}
+MAX_POSITIONS = 256
+
+# id → (source classes, source config overrides, sequence length)
+LLAMA_FAMILY_CASES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel], dict, int]] = {
+    "llama-gqa-head_dim": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2, "head_dim": 32}, 64),
+    "llama-biases": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}, 64),
+    "llama-llama3": (LlamaConfig, LlamaForCausalLM, {"num_key_value_heads": 2, "rope_parameters": LLAMA3_ROPE}, 96),
+    "llama-linear-tied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"tie_word_embeddings": True, "rope_parameters": LINEAR_ROPE},
+        64,
+    ),
+    # dynamic NTK only rescales beyond max_position_embeddings
+    "llama-dynamic": (LlamaConfig, LlamaForCausalLM, {"rope_parameters": DYNAMIC_ROPE}, MAX_POSITIONS + 32),
+    "llama-longrope": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {"num_key_value_heads": 2, "rope_parameters": LONGROPE_ROPE},
+        96,
+    ),
+    "mistral-gqa-head_dim-tied": (
+        MistralConfig,
+        MistralForCausalLM,
+        {"num_key_value_heads": 2, "head_dim": 32, "sliding_window": None, "tie_word_embeddings": True},
+        64,
+    ),
+    "qwen2-qkv_bias-tied": (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2, "tie_word_embeddings": True}, 64),
+    "qwen2-yarn": (Qwen2Config, Qwen2ForCausalLM, {"num_key_value_heads": 2, "rope_parameters": YARN_ROPE}, 96),
+}
+
+
+def make_llama_family_source(
+    config_class: type[PreTrainedConfig], model_class: type[PreTrainedModel], overrides: dict
+) -> PreTrainedModel:
+    """A random tiny source model whose norms and biases are random too, so a wrong mapping of them shows."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        intermediate_size=96,
+        max_position_embeddings=MAX_POSITIONS,
+        initializer_range=0.1,  # sharper attention than 0.02, so that RoPE differences show in the logits
+        attn_implementation="eager",
+    )
+    kwargs.update(copy.deepcopy(overrides))
+    model = model_class(config_class(**kwargs)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def llama_family_xatl_config(source: PreTrainedConfig, **overrides) -> XatlConfig:
+    """The xatl config of an all-attention copy of a Llama / Mistral / Qwen2 config, from its config.json dict."""
+    src = source.to_dict()
+    qwen2 = src["model_type"] == "qwen2"  # q/k/v always biased, o_proj never; Llama's attention_bias covers all four
+    kwargs = dict(
+        vocab_size=src["vocab_size"],
+        hidden_size=src["hidden_size"],
+        num_hidden_layers=src["num_hidden_layers"],
+        intermediate_size=src["intermediate_size"],
+        layer_types=["attention"] * src["num_hidden_layers"],
+        norm_type="rmsnorm",
+        norm_eps=src["rms_norm_eps"],
+        norm_bias=False,
+        hidden_act=src["hidden_act"],
+        mlp_bias=src.get("mlp_bias", False),
+        mlp_gated=True,
+        parallel_residual=False,
+        num_attention_heads=src["num_attention_heads"],
+        num_key_value_heads=src["num_key_value_heads"],
+        head_dim=src.get("head_dim"),  # absent for Qwen2: hidden_size // num_attention_heads
+        attention_bias=True if qwen2 else src.get("attention_bias", False),
+        attention_out_bias=False if qwen2 else src.get("attention_bias", False),  # Mistral: none
+        rope_parameters=src["rope_parameters"],
+        max_position_embeddings=src["max_position_embeddings"],
+        tie_word_embeddings=src["tie_word_embeddings"],
+    )
+    kwargs.update(overrides)
+    return XatlConfig(**kwargs)
+
+
+def llama_family_to_xatl_state_dict(source: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Rename Llama-family weights into xatl names; fc1 rows are [up; gate]; a tied lm_head is left out."""
+    renames = {
+        "model.norm.": "model.final_norm.",
+        ".input_layernorm.": ".input_norm.",
+        ".post_attention_layernorm.": ".mlp_norm.",
+        ".self_attn.o_proj.": ".mixer.out_proj.",
+        ".self_attn.": ".mixer.",
+        ".mlp.down_proj.": ".mlp.fc2.",
+    }
+    state = source.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and source.config.tie_word_embeddings:
+            continue
+        if ".mlp.gate_proj." in name:
+            continue
+        if ".mlp.up_proj." in name:
+            gate = state[name.replace(".up_proj.", ".gate_proj.")]
+            out[name.replace(".up_proj.", ".fc1.")] = torch.cat([tensor, gate], dim=0)
+            continue
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+def _load_xatl(cfg: XatlConfig, state: dict[str, torch.Tensor]) -> XatlForCausalLM:
+    model = XatlForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert set(missing) == ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    return model
+
+
+@pytest.mark.parametrize("case", list(LLAMA_FAMILY_CASES))
+def test_attention_model_reproduces_llama_family_logits(case: str) -> None:
+    config_class, model_class, overrides, length = LLAMA_FAMILY_CASES[case]
+    torch.manual_seed(0)
+    source = make_llama_family_source(config_class, model_class, overrides)
+    cfg = llama_family_xatl_config(source.config)
+    state = llama_family_to_xatl_state_dict(source)
+    model = _load_xatl(cfg, state)
+    if cfg.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    if "head_dim" in overrides:
+        assert cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads
+    assert cfg.rope_parameters["rope_type"] == source.config.rope_parameters["rope_type"]
+
+    ids = torch.randint(0, VOCAB, (2, length))
+    with torch.no_grad():
+        expected = source(ids).logits
+        got = model(ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+
+    if cfg.rope_parameters["rope_type"] != "default":  # the scaling must matter, or this test could not fail
+        default_rope = {"rope_type": "default", "rope_theta": cfg.rope_parameters["rope_theta"]}
+        unscaled = _load_xatl(llama_family_xatl_config(source.config, rope_parameters=default_rope), state)
+        with torch.no_grad():
+            assert (unscaled(ids).logits - expected).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("rope_parameters", "length"),
+    [
+        ({"rope_type": "default", "rope_theta": 10000.0}, 40),
+        (LLAMA3_ROPE, 40),
+        (LINEAR_ROPE, 40),
+        (DYNAMIC_ROPE, 40),  # within max_position_embeddings: the original frequencies
+        (DYNAMIC_ROPE, MAX_POSITIONS + 17),  # beyond: NTK-rescaled for this length
+        (YARN_ROPE, 40),
+        (LONGROPE_ROPE, 40),  # short factors
+        (LONGROPE_ROPE, 80),  # beyond original_max_position_embeddings: long factors
+    ],
+    ids=["default", "llama3", "linear", "dynamic-short", "dynamic-long", "yarn", "longrope-short", "longrope-long"],
+)
+def test_rotary_cos_sin_matches_llama_rotary_embedding_bit_for_bit(rope_parameters: dict, length: int) -> None:
+    source = LlamaConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rope_parameters=copy.deepcopy(rope_parameters),
+    )
+    cfg = tiny_config(
+        layer_types=["attention", "attention"],
+        max_position_embeddings=MAX_POSITIONS,
+        rope_parameters=source.to_dict()["rope_parameters"],
+    )
+    position_ids = torch.arange(length)[None].expand(2, -1)
+    rotary = LlamaRotaryEmbedding(source)  # fresh: dynamic / longrope keep state between calls
+    expected_cos, expected_sin = rotary(torch.zeros(1, dtype=torch.float32), position_ids)
+    cos, sin = rotary_cos_sin(cfg, position_ids, torch.float32)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
 
 
 def test_padding_mask_matches_unpadded_attention_and_mamba_outputs() -> None:
@@ -265,6 +481,14 @@ def test_llama_style_block_runs_with_gqa_rmsnorm_and_gated_mlp() -> None:
         ({"num_hidden_layers": 3, "layer_types": ["mamba", "attention"]}, "num_hidden_layers"),
         ({"mamba": {"d_sate": 8}}, "unknown mamba config keys"),
         ({"norm_type": "batchnorm"}, "norm_type"),
+        ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}}, "unsupported rope_parameters"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),  # missing keys
+        ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "one flat dict"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": 5e5}, "conflicts"),
+        (
+            {"num_hidden_layers": 1, "layer_types": ["attention"], "hidden_size": 100, "num_attention_heads": 4},
+            "even rotary dimension",
+        ),
     ],
 )
 def test_config_rejects_invalid_values(kwargs: dict, message: str) -> None:
@@ -278,6 +502,30 @@ def test_config_defaults_and_json_roundtrip(tmp_path) -> None:
     assert cfg.mamba["dt_rank"] == 7 and cfg.mamba["d_state"] == 16
     assert cfg.head_dim == 25 and cfg.num_key_value_heads == 4
     cfg.save_pretrained(tmp_path)
+    again = XatlConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_config_rope_parameters_from_legacy_arguments_and_json_roundtrip(tmp_path) -> None:
+    legacy = XatlConfig(num_hidden_layers=1, rope_theta=500.0, partial_rotary_factor=0.25)
+    assert legacy.rope_parameters == {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}
+    assert legacy.rope_theta == 500.0 and legacy.partial_rotary_factor == 0.25
+    saved = legacy.to_dict()
+    assert "rope_theta" not in saved and "partial_rotary_factor" not in saved  # only inside rope_parameters
+    assert XatlConfig().rope_parameters == {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    # A config.json written before rope_parameters existed (top-level rope_theta / partial_rotary_factor) still loads.
+    old_json = {k: v for k, v in saved.items() if k != "rope_parameters"} | {"rope_theta": 500.0}
+    assert XatlConfig.from_dict({**old_json, "partial_rotary_factor": 0.25}).to_dict() == saved
+    # The pre-5 spellings: `rope_scaling` with `type`, theta next to it.
+    scaled = XatlConfig(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=5e5)
+    assert scaled.rope_parameters["rope_type"] == "linear" and scaled.rope_theta == 5e5
+
+    source = dict(LLAMA3_ROPE)
+    cfg = tiny_config(layer_types=["attention", "mamba"], max_position_embeddings=MAX_POSITIONS, rope_parameters=source)
+    assert source == LLAMA3_ROPE  # copied, not mutated
+    cfg.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert {k: stored[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
     again = XatlConfig.from_pretrained(tmp_path)
     assert again.to_dict() == cfg.to_dict()
 

@@ -2,7 +2,8 @@
 
 An expression reads keys of the source config (nested with dots) and combines integers with + - * // % and
 parentheses. `a or b` gives the first operand that exists and is not null, for keys that only some source configs
-carry (`${source.head_dim or source.hidden_size // source.num_attention_heads}`). A value that is exactly one
+carry (`${source.head_dim or source.hidden_size // source.num_attention_heads}`), and `a if x == y else b` chooses
+by a comparison (`==`, `!=`) for what differs between model types. A value that is exactly one
 `${...}` keeps the result's type; an expression inside a longer string is interpolated as text.
 """
 
@@ -25,6 +26,7 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Mod: operator.mod,
     ast.Div: operator.truediv,
 }
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {ast.Eq: operator.eq, ast.NotEq: operator.ne}
 _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -88,10 +90,18 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
             if value is not None:
                 return value
         raise ExpressionError(f"${{{text}}}: none of the alternatives exists in the source config")
+    if isinstance(node, ast.IfExp):
+        condition = _evaluate_node(node.test, namespace, text)
+        return _evaluate_node(node.body if condition else node.orelse, namespace, text)
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+        left = _evaluate_node(node.left, namespace, text)
+        right = _evaluate_node(node.comparators[0], namespace, text)
+        return _COMPARE[type(node.ops[0])](left, right)
     if isinstance(node, ast.Name | ast.Attribute):
         return _lookup(_dotted_name(node, text), namespace, text)
     raise ExpressionError(
-        f"${{{text}}}: only config keys, numbers, + - * / // % and `or` are allowed, not {type(node).__name__}"
+        f"${{{text}}}: only config keys, constants, + - * / // %, `or`, `==`, `!=` and `a if c else b` are allowed, "
+        f"not {type(node).__name__}"
     )
 
 

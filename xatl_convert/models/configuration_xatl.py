@@ -219,6 +219,13 @@ class XatlConfig(PreTrainedConfig):
         Its RoPE check (an even rotary dimension) reads `head_dim`, which is hidden too when no layer is attention:
         RoPE is unused then, and Mamba-only configs may have any hidden_size / num_attention_heads.
         """
+        if "attention" in getattr(self, "layer_types", ()) and "head_dim" in self.__dict__:
+            rotary_dim = int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
+            if rotary_dim + rotary_dim % 2 > self.head_dim:  # inv_freq has ceil(rotary_dim / 2) entries
+                raise ValueError(
+                    f"RoPE needs an even rotary dimension: head_dim={self.head_dim} with partial_rotary_factor="
+                    f"{self.rope_parameters.get('partial_rotary_factor', 1.0)} rotates {rotary_dim} dims"
+                )
         layer_types = self.__dict__.pop("layer_types", None)
         hidden: dict[str, Any] = {}
         if layer_types is not None and "attention" not in layer_types and "head_dim" in self.__dict__:
