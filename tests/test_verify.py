@@ -102,3 +102,17 @@ def test_hybrid_attention_layer_computes_what_the_source_layer_computed(make_neo
         position_embeddings = rotary_cos_sin(ours.config, torch.arange(12).unsqueeze(0), torch.float32)
         actual = ours.model.layers[2].mixer(captured["input"], position_embeddings)
     assert (actual - captured["output"]).abs().max() <= 1e-5
+
+
+def test_real_pythia_config_keys_convert_exactly(make_neox, tmp_path: Path) -> None:
+    """Pythia's config.json on the Hub uses the old names rotary_pct and rotary_emb_base."""
+    source = make_neox(rotary_pct=0.25)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=20000, architectures=["GPTNeoXForCausalLM"])
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    plan = convert(source, out, attn_layers="all")
+    assert plan.target_config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert plan.target_config.rope_parameters["rope_theta"] == 20000
+    assert verify(out, source).check("all-attention logits = source").status == "pass"
