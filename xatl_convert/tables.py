@@ -16,8 +16,8 @@ def plan_table(plan: ConversionPlan) -> Table:
     """One row per target tensor: sources, transform, shape, dtype, bytes, transferred or initialised."""
     table = Table(title=f"{plan.source.reference} → xatl ({plan.mapping.name})", show_footer=True)
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
-    table.add_column("target tensor", footer=f"{len(plan.tensors)} tensors")
-    table.add_column("source tensors")
+    table.add_column("target tensor", footer=f"{len(plan.tensors)} tensors", overflow="fold")
+    table.add_column("source tensors", overflow="fold")
     table.add_column("transform / init")
     table.add_column("shape")
     table.add_column("dtype")
