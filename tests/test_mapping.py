@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from xatl_convert.errors import MappingError, PlanError
+from xatl_convert.manifest import read_manifest
 from xatl_convert.mapping import builtin_mappings, load_mapping, parse_mapping
 from xatl_convert.mapping.expressions import ExpressionError, evaluate, substitute
 from xatl_convert.mapping.layers import attention_layer_indices
 from xatl_convert.plan import build_plan
 from xatl_convert.sources import resolve_source
+from xatl_convert.verify import verify
 
 BUILTIN = builtin_mappings()["gpt-neox-to-mamba"]
 
@@ -208,3 +211,46 @@ def test_copy_init_needs_a_source() -> None:
     text = "name: x\nsource: {model_type: a}\ntarget: {}\nrules: []\ninit:\n  - {target: t, strategy: copy}\n"
     with pytest.raises(MappingError, match=r"m.yaml:6:\d+: init.0: strategy 'copy' needs a 'source'"):
         parse_mapping(text, "m.yaml")
+
+
+def _with_v_into_x(part: str = "x") -> dict:
+    data = _builtin_data()
+    data["drop"] = [item for item in data["drop"] if "query_key_value" not in item["source"]]
+    data["drop"].append({"source": "gpt_neox.layers.{i}.attention.query_key_value.bias", "where": "mamba"})
+    data["rules"].append(
+        {
+            "target": "model.layers.{i}.mixer.in_proj.weight",
+            "part": part,
+            "where": "mamba",
+            "source": "gpt_neox.layers.{i}.attention.query_key_value.weight",
+            "transform": {"split_heads": {"parts": 3, "take": 2, "heads": 4}},
+        }
+    )
+    return data
+
+
+def test_a_rule_can_fill_one_named_row_block_of_a_fused_tensor(neox_checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from xatl_convert.conversion import convert
+
+    mapping = tmp_path / "v-into-x.yaml"
+    mapping.write_text(yaml.safe_dump(_with_v_into_x(), sort_keys=False))
+    out, plain = tmp_path / "out", tmp_path / "plain"
+    convert(neox_checkpoint, out, mapping=mapping)
+    convert(neox_checkpoint, plain)
+    weights, baseline = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    source = load_file(neox_checkpoint / "model.safetensors")
+    value = source["gpt_neox.layers.2.attention.query_key_value.weight"].view(4, 3, 8, 32)[:, 2].reshape(32, 32)
+    in_proj = weights["model.layers.2.mixer.in_proj.weight"]
+    assert torch.equal(in_proj[:32], value)  # x rows ← V
+    assert torch.equal(in_proj[32:], baseline["model.layers.2.mixer.in_proj.weight"][32:])  # z rows: default init
+    entry = read_manifest(out)["tensors"]["model.layers.2.mixer.in_proj.weight"]
+    assert entry["strategy"] == "default" and entry["parts"][0]["part"] == "x" and entry["parts"][0]["rows"] == [0, 32]
+    report = verify(out, neox_checkpoint)
+    assert report.check("transfers exact").status == "pass"
+
+
+def test_an_unknown_part_names_the_parts_that_exist(neox_checkpoint: Path) -> None:
+    with pytest.raises(PlanError, match=r"model.layers.0.mixer.in_proj.weight has no part 'B' \(its parts: x, z\)"):
+        _plan_with(_with_v_into_x("B"), neox_checkpoint)

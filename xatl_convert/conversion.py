@@ -11,11 +11,12 @@ import yaml
 
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
+from xatl_convert.mapping.schema import LCI_MIXERS
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, ensure_writable, write_output
 
-TARGETS = ("mamba",)
+TARGETS = LCI_MIXERS
 
 
 def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str | Path | None = None) -> Mapping:

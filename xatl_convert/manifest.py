@@ -34,6 +34,17 @@ def build_manifest(plan: ConversionPlan, command_line: str | None = None) -> dic
             entry["group"] = tensor.group
         else:
             entry["strategy"] = tensor.strategy
+            if tensor.parts:
+                entry["parts"] = [
+                    {
+                        "part": part.part,
+                        "rows": list(part.rows),
+                        "sources": list(part.sources),
+                        "transform": part.transform.spec(),
+                        "rule": part.rule,
+                    }
+                    for part in tensor.parts
+                ]
         tensors[tensor.name] = entry
     return {
         "manifest_version": MANIFEST_VERSION,

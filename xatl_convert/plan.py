@@ -20,10 +20,22 @@ from xatl_convert.mapping.expressions import ExpressionError
 from xatl_convert.mapping.layers import attention_layer_indices, layer_types
 from xatl_convert.mapping.schema import LAYER_PATTERN, InitRule, Mapping, TensorRule
 from xatl_convert.models import XatlConfig, XatlForCausalLM
+from xatl_convert.models.parts import mixer_parts
 from xatl_convert.sources.checkpoint import SourceCheckpoint
 from xatl_convert.transforms import TransformChain, TransformShapeError, parse_transform
 
 Status = Literal["transferred", "initialised"]
+
+
+@dataclass(frozen=True)
+class PlannedPart:
+    """A named row block of an initialised tensor that a rule fills from source tensors (e.g. Mamba2's x ← V)."""
+
+    part: str
+    rows: tuple[int, int]
+    sources: tuple[str, ...]
+    transform: TransformChain
+    rule: str
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class PlannedTensor:
     transform: TransformChain | None = None
     strategy: str | None = None
     group: str | None = None
+    parts: tuple[PlannedPart, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -201,10 +214,12 @@ class _Planner:
     ) -> None:
         self.source = source
         self.mapping = mapping
+        self.config = config
         self.layer_types = list(config.layer_types)
         self.target_shapes = target_shapes
         self.dtype = dtype
         self.produced: dict[str, PlannedTensor] = {}
+        self.parts: dict[str, list[PlannedPart]] = {}
         self.consumed: set[str] = set()
         self.dropped: dict[str, str] = {}
 
@@ -212,6 +227,10 @@ class _Planner:
         for rule in self.mapping.rules:
             for pairs in self._expand(rule):
                 self._apply_layer(rule, pairs)
+        for name in self.parts:
+            if name in self.produced:
+                raise PlanError(f"{self.produced[name].rule}: {name!r} is produced whole, and also has parts filled "
+                                f"at {self.parts[name][0].rule}")  # fmt: skip
         tensors = [self.produced.get(name) or self._initialise(name) for name in self.target_shapes]
         self._drop_unconsumed()
         return tensors, {name: reason for name, reason in self.dropped.items() if name not in self.consumed}
@@ -248,8 +267,8 @@ class _Planner:
             self._apply(rule, target, sources)
 
     def _misfit(self, rule: TensorRule, target: str, sources: list[str]) -> str | None:
-        """Why the rule's output does not fit the target tensor's shape, or None."""
-        expected = self.target_shapes.get(target)
+        """Why the rule's output does not fit the target tensor's shape (or its part's rows), or None."""
+        expected = self._expected_shape(rule, target)
         if expected is None or any(name not in self.source.tensors for name in sources):
             return None
         chain = rule.transform_chain()
@@ -259,10 +278,27 @@ class _Planner:
             return str(error)
         if produced == expected:
             return None
-        return (
-            f"{chain.describe()} of {', '.join(sources)} gives shape {list(produced)}, "
-            f"but {target} has shape {list(expected)}"
+        where = f"part {rule.part!r} of {target}" if rule.part else target
+        return f"{chain.describe()} of {', '.join(sources)} gives shape {list(produced)}, but {where} has shape " + str(
+            list(expected)
         )
+
+    def _part_rows(self, rule: TensorRule, target: str) -> tuple[int, int]:
+        """Rows of the named part of a fused mixer tensor (models/parts.py), or a PlanError naming the choices."""
+        match = re.fullmatch(r"model\.layers\.(\d+)\.mixer\.(.+)", target)
+        parts = mixer_parts(self.layer_types[int(match.group(1))], self.config) if match else {}
+        blocks = parts.get(match.group(2), {}) if match else {}
+        if rule.part not in blocks:
+            known = ", ".join(blocks) or "none"
+            raise PlanError(f"{rule.location}: {target} has no part {rule.part!r} (its parts: {known})")
+        return blocks[rule.part]
+
+    def _expected_shape(self, rule: TensorRule, target: str) -> tuple[int, ...] | None:
+        shape = self.target_shapes.get(target)
+        if shape is None or rule.part is None:
+            return shape
+        start, stop = self._part_rows(rule, target)
+        return (stop - start, *shape[1:])
 
     def _apply(self, rule: TensorRule, target: str, sources: list[str]) -> None:
         missing = [name for name in sources if name not in self.source.tensors]
@@ -288,6 +324,9 @@ class _Planner:
                 f"{rule.location}: {target!r} is already produced by the rule at {self.produced[target].rule}"
             )
         misfit = self._misfit(rule, target, sources)
+        if rule.part is not None and not misfit:
+            self._add_part(rule, target, sources)
+            return
         if misfit:
             shapes = [list(self.source.tensors[name].shape) for name in sources]
             raise PlanError(f"{rule.location}: {target} ← {', '.join(sources)} {shapes}: {misfit}")
@@ -302,6 +341,16 @@ class _Planner:
             transform=chain,
             group=rule.group,
         )
+        self.consumed.update(sources)
+
+    def _add_part(self, rule: TensorRule, target: str, sources: list[str]) -> None:
+        existing = {part.part: part for part in self.parts.get(target, [])}
+        if rule.part in existing:
+            raise PlanError(f"{rule.location}: part {rule.part!r} of {target!r} is already filled at "
+                            f"{existing[rule.part].rule}")  # fmt: skip
+        part = PlannedPart(rule.part or "", self._part_rows(rule, target), tuple(sources), rule.transform_chain(),
+                           rule.location)  # fmt: skip
+        self.parts.setdefault(target, []).append(part)
         self.consumed.update(sources)
 
     def _drop(self, sources: list[str], reason: str) -> None:
@@ -345,6 +394,7 @@ class _Planner:
             rule=rule.location,
             strategy=strategy,
             group="mixer",
+            parts=tuple(sorted(self.parts.get(name, []), key=lambda part: part.rows)),
         )
 
     def _copy_if_fits(self, rule: InitRule, target: str, source: str) -> PlannedTensor | None:

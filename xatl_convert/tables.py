@@ -29,10 +29,14 @@ def plan_table(plan: ConversionPlan) -> Table:
     )
     for tensor in plan.tensors:
         how = tensor.transform.describe() if tensor.transform else f"init: {tensor.strategy}"
+        sources = list(tensor.sources)
+        for part in tensor.parts:
+            how += f"\n{part.part} ← {part.transform.describe()}"
+            sources += [f"{name} → {part.part}" for name in part.sources]
         status = "[green]transferred[/]" if tensor.status == "transferred" else "[yellow]initialised[/]"
         table.add_row(
             tensor.name,
-            "\n".join(tensor.sources),
+            "\n".join(sources),
             how,
             "×".join(map(str, tensor.shape)),
             str(tensor.dtype).removeprefix("torch."),

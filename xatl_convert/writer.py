@@ -137,6 +137,11 @@ class TensorProducer:
             tensor = torch.ones(planned.shape)
         else:
             tensor = self._initialised(planned)
+        if planned.parts:
+            tensor = tensor.clone()
+            for part in planned.parts:
+                start, stop = part.rows
+                tensor[start:stop] = part.transform.apply([self.plan.source.read(name) for name in part.sources])
         # Source reads are fresh buffers; contiguous() copies only where a transform left a strided view.
         return tensor.to(planned.dtype).contiguous()
 

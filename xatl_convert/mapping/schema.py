@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from xatl_convert.mapping.expressions import substitute
 from xatl_convert.transforms import TransformChain, parse_transform
 
-LayerType = Literal["attention", "mamba"]
-LCI_MIXERS: tuple[str, ...] = ("mamba",)
+LayerType = Literal["attention", "mamba", "mamba2"]
+LCI_MIXERS: tuple[str, ...] = ("mamba", "mamba2")
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
 InitStrategy = Literal["default", "zeros", "ones", "copy"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
@@ -55,6 +55,11 @@ class TensorRule(_Located):
     )
     optional: bool = Field(default=False, description="skip quietly when the source or target tensor is absent")
     group: TensorGroup | None = None
+    part: str | None = Field(
+        default=None,
+        description="fill only this named row block of a fused target tensor (e.g. x, B, C of Mamba2's in_proj); "
+        "the rest keeps its init",
+    )
 
     @field_validator("transform")
     @classmethod
@@ -124,7 +129,7 @@ class TargetSpec(_Strict):
     """The target model: its LCI mixer, which layers stay attention, and its config (expressions allowed)."""
 
     model_type: Literal["xatl"] = "xatl"
-    mixer: Literal["mamba"] = "mamba"
+    mixer: Literal["mamba", "mamba2"] = "mamba"
     attention_layers: str | list[IntOrExpression] = Field(
         default_factory=list, description="layer indices kept as attention, or a preset name such as 'paper'"
     )

@@ -70,19 +70,23 @@ def check_tensors_as_planned(manifest: dict[str, Any], tensors: dict[str, Any]) 
 
 
 def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], source: SourceCheckpoint) -> CheckResult:
-    """(b) Every transferred tensor equals its source tensors after the recorded transform, bit for bit."""
+    """(b) Every transferred tensor (and every transferred row block) equals its sources after the recorded
+    transform, bit for bit."""
+    checked = 0
     mismatched: list[str] = []
-    transferred = [(name, entry) for name, entry in manifest["tensors"].items() if entry["status"] == "transferred"]
-    for name, entry in transferred:
-        chain = parse_transform(entry["transform"])
-        expected = chain.apply([source.read(source_name) for source_name in entry["sources"]])
-        actual = tensors[name]
-        if not torch.equal(expected.to(actual.dtype), actual):
-            mismatched.append(name)
+    for name, entry in manifest["tensors"].items():
+        pieces = [(None, entry)] if entry["status"] == "transferred" else []
+        pieces += [(tuple(part["rows"]), part) for part in entry.get("parts", [])]
+        for rows, piece in pieces:
+            checked += 1
+            expected = parse_transform(piece["transform"]).apply([source.read(item) for item in piece["sources"]])
+            actual = tensors[name] if rows is None else tensors[name][rows[0] : rows[1]]
+            if not torch.equal(expected.to(actual.dtype), actual):
+                mismatched.append(name if rows is None else f"{name}[{piece['part']}]")
     return CheckResult(
         name="transfers exact",
         status="fail" if mismatched else "pass",
-        value=f"{len(transferred) - len(mismatched)}/{len(transferred)} equal",
+        value=f"{checked - len(mismatched)}/{checked} equal",
         bound="bit-for-bit",
         details={"mismatched": mismatched[:20]},
     )
