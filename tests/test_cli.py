@@ -57,6 +57,7 @@ def test_convert_then_verify_from_the_command_line(neox_checkpoint: Path, tmp_pa
         "logits finite",
         "loss vs from-scratch",
         "all-attention logits = source",
+        "incremental decoding = full forward",
     ]
     assert "tensors as planned" in result.stdout
 

@@ -33,11 +33,15 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import xatl_convert.models
 from xatl_convert.models import (
+    MAMBA2_DEFAULTS,
     XatlConfig,
     XatlForCausalLM,
+    XatlGatedRMSNorm,
     XatlMamba,
+    XatlMamba2,
     init_xatl_weights,
     selective_scan_reference,
+    ssd_chunk_scan_reference,
 )
 from xatl_convert.models.modeling_xatl import rotary_cos_sin
 
@@ -480,6 +484,9 @@ def test_llama_style_block_runs_with_gqa_rmsnorm_and_gated_mlp() -> None:
         ({"num_hidden_layers": 2, "layer_types": ["mamba", "transformer"]}, "unknown layer_types"),
         ({"num_hidden_layers": 3, "layer_types": ["mamba", "attention"]}, "num_hidden_layers"),
         ({"mamba": {"d_sate": 8}}, "unknown mamba config keys"),
+        ({"mamba2": {"headdim": 8, "d_sate": 8}}, "unknown mamba2 config keys"),
+        ({"num_hidden_layers": 1, "layer_types": ["mamba2"], "mamba2": {"headdim": 100}}, "divisible by headdim"),
+        ({"num_hidden_layers": 1, "layer_types": ["mamba2"], "mamba2": {"ngroups": 7}}, "divisible by ngroups"),
         ({"norm_type": "batchnorm"}, "norm_type"),
         ({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}}, "unsupported rope_parameters"),
         ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),  # missing keys
@@ -582,3 +589,161 @@ def test_copied_model_files_load_as_remote_code_without_the_package(tmp_path) ->
         [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mamba2
+# --------------------------------------------------------------------------------------------------------------
+
+MAMBA2_TINY = {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 8}
+
+
+def naive_ssd(x, dt, A, B, C, D, dt_bias, h0=None):
+    """Per-timestep recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_tᵀ, y_t = C_t h_t + D x_t, in float64."""
+    batch, length, heads, headdim = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    y = torch.zeros(batch, length, heads, headdim, dtype=torch.float64)
+    h = torch.zeros(batch, heads, headdim, n, dtype=torch.float64) if h0 is None else h0.double().clone()
+    for b in range(batch):
+        for head in range(heads):
+            g = head // (heads // groups)
+            for t in range(length):
+                step = float(torch.nn.functional.softplus(dt[b, t, head].double() + dt_bias[head].double()))
+                h[b, head] = math.exp(step * float(A[head])) * h[b, head] + step * torch.outer(
+                    x[b, t, head].double(), B[b, t, g].double()
+                )
+                y[b, t, head] = h[b, head] @ C[b, t, g].double() + float(D[head]) * x[b, t, head].double()
+    return y, h
+
+
+def _ssd_inputs(dtype: torch.dtype, length: int = 12):
+    torch.manual_seed(0)
+    batch, heads, headdim, groups, n = 2, 4, 3, 2, 5
+    x = torch.randn(batch, length, heads, headdim, dtype=dtype)
+    dt = torch.randn(batch, length, heads, dtype=dtype)
+    A = -torch.rand(heads, dtype=dtype) * 2 - 0.1
+    B = torch.randn(batch, length, groups, n, dtype=dtype)
+    C = torch.randn(batch, length, groups, n, dtype=dtype)
+    D, dt_bias = torch.randn(heads, dtype=dtype), torch.randn(heads, dtype=dtype)
+    return x, dt, A, B, C, D, dt_bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_size", [4, 5, 12, 16])  # L = 12: divides, does not divide, equals, exceeds
+def test_ssd_chunk_reference_matches_naive_recurrence(chunk_size: int, dtype: torch.dtype) -> None:
+    x, dt, A, B, C, D, dt_bias = _ssd_inputs(dtype)
+    y, final = ssd_chunk_scan_reference(
+        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, return_final_states=True
+    )
+    expected_y, expected_h = naive_ssd(x, dt, A, B, C, D, dt_bias)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected_y, atol=tol, rtol=tol)
+    torch.testing.assert_close(final.double(), expected_h, atol=tol, rtol=tol)
+
+
+def test_ssd_chunk_reference_continues_from_initial_states() -> None:
+    x, dt, A, B, C, D, dt_bias = _ssd_inputs(torch.float64, length=11)
+    kwargs = {"D": D, "dt_bias": dt_bias, "dt_softplus": True, "return_final_states": True}
+    y1, h1 = ssd_chunk_scan_reference(x[:, :6], dt[:, :6], A, B[:, :6], C[:, :6], 4, **kwargs)
+    y2, h2 = ssd_chunk_scan_reference(x[:, 6:], dt[:, 6:], A, B[:, 6:], C[:, 6:], 4, initial_states=h1, **kwargs)
+    expected_y, expected_h = naive_ssd(x, dt, A, B, C, D, dt_bias)
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), expected_y, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(h2, expected_h, atol=1e-10, rtol=1e-10)
+
+
+def test_gated_rmsnorm_normalises_each_group_after_the_gate() -> None:
+    torch.manual_seed(0)
+    norm = XatlGatedRMSNorm(8, group_size=4, eps=1e-5)
+    norm.weight.data = torch.randn(8)
+    x, z = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    gated = (x * torch.nn.functional.silu(z)).view(2, 3, 2, 4)
+    expected = (gated / torch.sqrt(gated.pow(2).mean(-1, keepdim=True) + 1e-5)).view(2, 3, 8) * norm.weight
+    torch.testing.assert_close(norm(x, z), expected)
+    before = XatlGatedRMSNorm(8, group_size=8, norm_before_gate=True)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.nn.functional.silu(z)
+    torch.testing.assert_close(before(x, z), expected)
+
+
+def test_mamba2_parameters_follow_mamba_ssm_layout() -> None:
+    cfg = tiny_config(num_hidden_layers=1, layer_types=["mamba2"], mamba2=MAMBA2_TINY)
+    assert cfg.mamba2 == {**MAMBA2_DEFAULTS, **MAMBA2_TINY}
+    mixer = XatlForCausalLM(cfg).model.layers[0].mixer
+    d_inner, nheads, n_bc = 2 * HIDDEN, 2 * HIDDEN // 16, 2 * 16
+    shapes = {name: tuple(p.shape) for name, p in mixer.named_parameters()}
+    assert shapes == {
+        "in_proj.weight": (2 * d_inner + 2 * n_bc + nheads, HIDDEN),  # rows [z, x, B, C, dt]
+        "conv1d.weight": (d_inner + 2 * n_bc, 1, 4),
+        "conv1d.bias": (d_inner + 2 * n_bc,),
+        "dt_bias": (nheads,),
+        "A_log": (nheads,),
+        "D": (nheads,),
+        "norm.weight": (d_inner,),
+        "out_proj.weight": (HIDDEN, d_inner),
+    }
+
+
+def _assert_mamba2_init(mixer: XatlMamba2, cfg: XatlConfig) -> None:
+    m = cfg.mamba2
+    dt = torch.nn.functional.softplus(mixer.dt_bias.detach())
+    assert dt.min().item() >= min(m["dt_min"], m["dt_init_floor"]) * (1 - 1e-4)
+    assert dt.max().item() <= m["dt_max"] * (1 + 1e-4) and dt.std().item() > 0
+    a = torch.exp(mixer.A_log.detach())
+    assert a.min().item() >= m["A_init_range"][0] - 1e-5 and a.max().item() <= m["A_init_range"][1] + 1e-4
+    assert a.std().item() > 0
+    assert torch.equal(mixer.D.detach(), torch.ones(mixer.nheads))
+    assert torch.equal(mixer.norm.weight.detach(), torch.ones(mixer.d_inner))
+    assert mixer.in_proj.weight.abs().max().item() <= 1 / math.sqrt(HIDDEN)
+    out_bound = 1 / math.sqrt(mixer.d_inner) / math.sqrt(2 * cfg.num_hidden_layers)
+    assert mixer.out_proj.weight.abs().max().item() <= out_bound
+
+
+def test_mamba2_init_via_meta_to_empty_and_via_constructor() -> None:
+    cfg = tiny_config(
+        num_hidden_layers=2, layer_types=["mamba2", "mamba2"], mamba2={**MAMBA2_TINY, "A_init_range": [2, 4]}
+    )
+    with torch.device("meta"):
+        meta_model = XatlForCausalLM(cfg)
+    mixer = meta_model.model.layers[1].mixer.to_empty(device="cpu")
+    for param in mixer.parameters():
+        param.data.fill_(float("nan"))
+    torch.manual_seed(0)
+    for module in reversed(list(mixer.modules())):  # children first: the order must not matter
+        init_xatl_weights(module, cfg)
+    assert all(torch.isfinite(p).all() for p in mixer.parameters())
+    _assert_mamba2_init(mixer, cfg)
+    torch.manual_seed(0)
+    for layer in XatlForCausalLM(cfg).model.layers:
+        _assert_mamba2_init(layer.mixer, cfg)
+
+
+def test_mamba2_mixer_is_causal_for_lengths_across_chunks() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=1, layer_types=["mamba2"], mamba2=MAMBA2_TINY)
+    mixer = XatlForCausalLM(cfg).model.layers[0].mixer
+    x = torch.randn(2, 19, HIDDEN)
+    t = 11
+    x2 = x.clone()
+    x2[:, t] += torch.randn(2, HIDDEN)
+    with torch.no_grad():
+        y, y2 = mixer(x), mixer(x2)
+    torch.testing.assert_close(y[:, :t], y2[:, :t], atol=0, rtol=0)
+    assert (y[:, t] - y2[:, t]).abs().max() > 1e-4
+
+
+def test_hybrid_mamba2_model_forward_and_save_load_roundtrip(tmp_path) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=3, layer_types=["mamba2", "attention", "mamba"], mamba2=MAMBA2_TINY)
+    model = XatlForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert torch.isfinite(out.logits).all() and abs(out.loss.item() - math.log(VOCAB)) < 1.0
+    model.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["layer_types"] == ["mamba2", "attention", "mamba"] and stored["mamba2"] == cfg.mamba2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.layers[0].mixer, XatlMamba2)
+    assert loaded.config.mamba2 == cfg.mamba2
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out.logits)

@@ -16,7 +16,14 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from xatl_convert.conversion import TARGETS, applicable_mappings, convert, parse_overrides, plan_conversion
+from xatl_convert.conversion import (
+    TARGETS,
+    applicable_mappings,
+    convert,
+    init_overrides,
+    parse_overrides,
+    plan_conversion,
+)
 from xatl_convert.errors import XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import PRESETS
@@ -115,6 +122,13 @@ def convert_command(
         list[str] | None,
         typer.Option("--set", help="Override a target config value, e.g. mamba.d_state=32 (repeatable)."),
     ] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            help="How new mixers start: default, or attention (Mamba2: V → x, K → B, Q → C, as in "
+            "'The Mamba in the Llama')."
+        ),
+    ] = "default",
     dtype: Annotated[
         str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: the source's).")
     ] = None,
@@ -133,7 +147,7 @@ def convert_command(
     shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_BYTES
     torch_dtype = DTYPES[dtype] if dtype else None
     try:
-        overrides = parse_overrides(set_values or [])
+        overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
         if dry_run:
             plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, torch_dtype, seed)
             plan.source.close()
@@ -175,15 +189,18 @@ def verify_command(
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the from-scratch comparison model.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu or cuda. On CUDA with mamba-ssm, kernels are checked against the reference.")
+    ] = "auto",
 ) -> None:
-    """Check a converted model: tensors, exact transfers, forward pass, losses. Exit 1 if a check fails."""
+    """Check a converted model: tensors, exact transfers, forward pass, losses, decoding. Exit 1 if a check fails."""
     if not (output / "xatl_manifest.json").is_file():
         raise _fail(XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?"))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one table is the output; no per-model loading bars
     try:
-        report = run_verify(output, source, seed)
+        report = run_verify(output, source, seed, device)
     except XatlError as error:
         raise _fail(error) from None
     _console().print(verify_table(report))

@@ -53,6 +53,19 @@ def applicable_mappings(source: SourceCheckpoint) -> dict[str, str]:
     return verdicts
 
 
+INIT_METHODS = {
+    "default": "new mixers start from their own initialisation",
+    "attention": "Mamba2 in_proj rows from the attention: V → x, K → B, Q → C (The Mamba in the Llama)",
+}
+
+
+def init_overrides(init: str) -> dict[str, Any]:
+    """The mapping option that an `--init` method switches on."""
+    if init not in INIT_METHODS:
+        raise PlanError(f"--init {init!r}: unknown method (known: {', '.join(INIT_METHODS)})")
+    return {"options.attention_init": True} if init == "attention" else {}
+
+
 def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
     """`--set key.sub=value` pairs; values are read as YAML scalars (32, 1e-3, true, auto)."""
     overrides: dict[str, Any] = {}

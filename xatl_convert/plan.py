@@ -114,7 +114,12 @@ def build_plan(
     except ExpressionError as error:
         raise MappingError(f"{mapping.file}: {error}") from None
     config_values = _merge_overrides(bound.target.config, overrides or {})
-    options = {**bound.options, **config_values.pop("options", {})}
+    option_overrides = config_values.pop("options", {})
+    unknown = sorted(set(option_overrides) - set(bound.options))
+    if unknown:
+        known = ", ".join(bound.options) or "none"
+        raise PlanError(f"mapping {bound.name!r} has no option {unknown[0]!r} (its options: {known})")
+    options = {**bound.options, **option_overrides}
     bound = bound.model_copy(update={"options": options})
     num_layers = int(config_values.get("num_hidden_layers", 0))
     spec = attention_layers if attention_layers is not None else bound.target.attention_layers

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-LAYER_TYPES: tuple[str, ...] = ("attention", "mamba")
+LAYER_TYPES: tuple[str, ...] = ("attention", "mamba", "mamba2")
 NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -39,12 +39,33 @@ MAMBA_DEFAULTS: dict[str, Any] = {
     "out_proj_bias": False,
 }
 
+# mamba-ssm's Mamba2 mixer arguments (its defaults). d_inner = expand * hidden_size, nheads = d_inner // headdim;
+# in_proj rows are [z (d_inner), x (d_inner), B (ngroups*d_state), C (ngroups*d_state), dt (nheads)].
+MAMBA2_DEFAULTS: dict[str, Any] = {
+    "d_state": 128,
+    "d_conv": 4,
+    "expand": 2,
+    "headdim": 64,
+    "ngroups": 1,
+    "chunk_size": 256,
+    "A_init_range": [1, 16],
+    "dt_min": 0.001,
+    "dt_max": 0.1,
+    "dt_init_floor": 1e-4,
+    "conv_bias": True,
+    "proj_bias": False,
+    "out_proj_bias": False,
+    "norm_before_gate": False,
+}
+
 
 class XatlConfig(PreTrainedConfig):
     """Embeddings → blocks (norm → mixer, norm → MLP, parallel or sequential residual) → final norm → head.
 
-    `layer_types[i]` picks layer i's mixer. `mamba` holds mamba-ssm's Mamba (v1) mixer arguments, merged over
-    `MAMBA_DEFAULTS` and with `dt_rank` resolved, so config.json is explicit about every shape.
+    `layer_types[i]` picks layer i's mixer ("attention", "mamba" or "mamba2"). `mamba` holds mamba-ssm's Mamba (v1)
+    mixer arguments, merged over `MAMBA_DEFAULTS` and with `dt_rank` resolved, so config.json is explicit about every
+    shape. `mamba2` holds mamba-ssm's Mamba2 mixer arguments, merged over `MAMBA2_DEFAULTS`; when a layer is
+    "mamba2", expand * hidden_size must be divisible by `headdim` and by `ngroups`.
 
     RoPE is described by a flat transformers-style `rope_parameters` dict (`rope_type`, `rope_theta`, optional
     `partial_rotary_factor`, and the type's own keys, e.g. llama3's `factor`, `low_freq_factor`, `high_freq_factor`,
@@ -80,6 +101,7 @@ class XatlConfig(PreTrainedConfig):
         rope_scaling: dict[str, Any] | None = None,
         max_position_embeddings: int = 2048,
         mamba: dict[str, Any] | None = None,
+        mamba2: dict[str, Any] | None = None,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = False,
@@ -110,6 +132,7 @@ class XatlConfig(PreTrainedConfig):
             rope_parameters if rope_parameters is not None else rope_scaling, rope_theta, partial_rotary_factor
         )
         self.mamba = self._merge_mamba(mamba, hidden_size)
+        self.mamba2 = self._merge_mamba2(mamba2)
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
@@ -190,6 +213,36 @@ class XatlConfig(PreTrainedConfig):
             merged["dt_rank"] = math.ceil(hidden_size / 16)
         return merged
 
+    @staticmethod
+    def _merge_mamba2(mamba2: dict[str, Any] | None) -> dict[str, Any]:
+        unknown = set(mamba2 or {}) - set(MAMBA2_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown mamba2 config keys {sorted(unknown)}; known: {sorted(MAMBA2_DEFAULTS)}")
+        merged = {**copy.deepcopy(MAMBA2_DEFAULTS), **copy.deepcopy(mamba2 or {})}
+        merged["A_init_range"] = list(merged["A_init_range"])  # a tuple would not survive a JSON round trip
+        return merged
+
+    def _check_mamba2(self) -> None:
+        m = self.mamba2
+        d_inner = m["expand"] * self.hidden_size
+        if m["headdim"] <= 0 or d_inner % m["headdim"] != 0:
+            raise ValueError(
+                f"mamba2: d_inner = expand * hidden_size = {m['expand']} * {self.hidden_size} = {d_inner} "
+                f"is not divisible by headdim={m['headdim']}"
+            )
+        if m["ngroups"] <= 0 or d_inner % m["ngroups"] != 0:
+            raise ValueError(f"mamba2: d_inner={d_inner} is not divisible by ngroups={m['ngroups']}")
+        nheads = d_inner // m["headdim"]
+        if nheads % m["ngroups"] != 0:
+            raise ValueError(
+                f"mamba2: nheads = d_inner / headdim = {nheads} is not divisible by ngroups={m['ngroups']}"
+            )
+        lo, hi = m["A_init_range"]
+        if not 0 < lo <= hi:
+            raise ValueError(f"mamba2: A_init_range must satisfy 0 < low <= high, got {m['A_init_range']}")
+        if m["chunk_size"] <= 0:
+            raise ValueError(f"mamba2: chunk_size must be positive, got {m['chunk_size']}")
+
     def _check(self) -> None:
         """Fail at construction rather than deep inside a forward pass."""
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
@@ -199,6 +252,8 @@ class XatlConfig(PreTrainedConfig):
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
             )
+        if "mamba2" in self.layer_types:
+            self._check_mamba2()
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {self.norm_type!r}")
         rope_type = self.rope_parameters.get("rope_type")

@@ -1,4 +1,4 @@
-"""The `xatl` decoder family: a Transformer block skeleton with a per-layer mixer (attention or Mamba).
+"""The `xatl` decoder family: a Transformer block skeleton with a per-layer mixer (attention, Mamba or Mamba2).
 
 Self-contained on purpose (torch, transformers and the stdlib only): this file is copied into every converted
 model folder and loaded with `trust_remote_code=True` where `xatl_convert` is not installed. mamba_ssm and
@@ -7,9 +7,10 @@ causal_conv1d are optional and imported lazily, per call, only for CUDA inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,6 +46,36 @@ def _mamba_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.T
     return causal_conv1d_fn, selective_scan_fn
 
 
+@functools.lru_cache(maxsize=1)
+def _mamba2_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., Any]] | None:
+    """(causal_conv1d_fn, mamba_chunk_scan_combined) if both packages import, else None. Tried once."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # ImportError, or a broken CUDA / Triton build raising something else
+        return None
+    return causal_conv1d_fn, mamba_chunk_scan_combined
+
+
+_FORCE_REFERENCE = False  # set by `reference_path()`
+
+
+def kernels_available(kind: str) -> bool:
+    """Whether the CUDA kernels of layer type `kind` ("mamba" or "mamba2") import here."""
+    return (_mamba2_kernels() if kind == "mamba2" else _mamba_kernels()) is not None
+
+
+@contextlib.contextmanager
+def reference_path() -> Iterator[None]:
+    """Within this block, Mamba / Mamba2 mixers run the PyTorch reference path even for CUDA inputs."""
+    global _FORCE_REFERENCE
+    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = previous
+
+
 def selective_scan_reference(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -55,12 +86,15 @@ def selective_scan_reference(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-) -> torch.Tensor:
+    return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Readable PyTorch selective scan with mamba-ssm's `selective_scan_fn` signature and semantics.
 
     Shapes: u, delta, z (batch, d, L); A (d, n); B, C (batch, n, L); D, delta_bias (d,). Computed in fp32; the
     discretisation is vectorised over the sequence, only the recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t
-    loops over time. Returns y (batch, d, L) in u's dtype.
+    loops over time. Returns y (batch, d, L) in u's dtype, and with `return_last_state` also the final state h_L
+    (batch, d, n) in fp32. `initial_state` (batch, d, n), an extension of ours, is h_0 (zeros when None).
     """
     dtype_in = u.dtype
     u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
@@ -70,7 +104,7 @@ def selective_scan_reference(
         delta = F.softplus(delta)
     delta_A = torch.exp(delta.unsqueeze(-1) * A.float()[:, None, :])  # (b, d, L, n)
     delta_B_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.float()
     ys = []
     for t in range(u.shape[-1]):
         h = delta_A[:, :, t] * h + delta_B_u[:, :, t]
@@ -80,7 +114,215 @@ def selective_scan_reference(
         y = y + u * D.float()[:, None]
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(dtype_in)
+    return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above the diagonal (mamba-ssm's stable segsum)."""
+    length = x.shape[-1]
+    x = x[..., None].expand(*x.shape, length)  # x[..., i, j] = x[..., i]
+    below = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
+    x_segsum = x.masked_fill(~below, 0).cumsum(dim=-2)
+    on_or_below = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    return x_segsum.masked_fill(~on_or_below, -torch.inf)
+
+
+def ssd_chunk_scan_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    return_final_states: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan (mamba-ssm's `ssd_minimal_discrete`) with `mamba_chunk_scan_combined`'s signature subset.
+
+    Shapes: x (batch, L, heads, headdim); dt (batch, L, heads); A, D, dt_bias (heads,); B, C (batch, L, groups,
+    d_state), shared by heads // groups consecutive heads; initial_states (batch, heads, headdim, d_state).
+    The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ, y_t = h_t C_t + D x_t is computed in fp32 (float64
+    for float64 inputs) as quadratic attention-like blocks within chunks of `chunk_size` plus a state passed
+    between chunks; L is padded up to a multiple of chunk_size (the padding has dt·A = 0 and x = 0, so it changes
+    no state).
+    Returns y (batch, L, heads, headdim) in x's dtype, and with `return_final_states` also h_L (batch, heads,
+    headdim, d_state) in the compute dtype.
+    """
+    batch, length, heads, _ = x.shape
+    dtype_in = x.dtype
+    ct = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    dt = dt.to(ct)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(ct)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    rep = heads // B.shape[2]
+    B = B.to(ct).repeat_interleave(rep, dim=2)  # (b, L, h, n)
+    C = C.to(ct).repeat_interleave(rep, dim=2)
+    X = x.to(ct) * dt[..., None]  # x scaled by dt
+    A_dt = A.to(ct) * dt  # (b, L, h)
+    pad = (-length) % chunk_size
+    if pad:
+        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
+        A_dt = F.pad(A_dt, (0, 0, 0, pad))
+    chunks = (length + pad) // chunk_size
+    X, B, C = (t.reshape(batch, chunks, chunk_size, heads, -1) for t in (X, B, C))  # (b, c, l, h, ·)
+    A_dt = A_dt.reshape(batch, chunks, chunk_size, heads).permute(0, 3, 1, 2)  # (b, h, c, l)
+    A_cumsum = A_dt.cumsum(dim=-1)
+
+    # 1. Within each chunk: y_i = sum_{j <= i} C_i·B_j exp(A_i + ... + A_{j+1}) X_j.
+    decay = torch.exp(_segsum(A_dt))  # (b, h, c, l, s)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, X)
+    # 2. The state each chunk ends with, starting from zero.
+    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, l)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    # 3. Pass states between chunks: the state entering chunk c, and the final one.
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    else:
+        initial_states = initial_states.to(ct)[:, None]
+    states = torch.cat([initial_states, states], dim=1)  # (b, c+1, h, p, n)
+    decay_chunk = torch.exp(_segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    # 4. Each chunk's output from the state entering it.
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
+    y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
+    if D is not None:
+        y = y + x.to(ct) * D.to(ct)[:, None]
+    y = y.to(dtype_in)
+    return (y, final_state) if return_final_states else y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inference cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mamba2_dims(config: XatlConfig) -> dict[str, int]:
+    m = config.mamba2
+    d_inner = m["expand"] * config.hidden_size
+    return {
+        "d_inner": d_inner,
+        "nheads": d_inner // m["headdim"],
+        "conv_dim": d_inner + 2 * m["ngroups"] * m["d_state"],
+    }
+
+
+class XatlCache:
+    """Per-layer generation state of an `XatlForCausalLM`; what `forward(..., use_cache=True)` returns.
+
+    Layer i holds, batch first (mamba-ssm's `allocate_inference_cache` layouts):
+      - "mamba":     conv_states[i] (batch, d_inner, d_conv), ssm_states[i] (batch, d_inner, d_state);
+      - "mamba2":    conv_states[i] (batch, conv_dim, d_conv), ssm_states[i] (batch, nheads, headdim, d_state),
+                     conv_dim = d_inner + 2 * ngroups * d_state;
+      - "attention": key_cache[i], value_cache[i] (batch, kv_heads, seen_tokens, head_dim), keys after RoPE.
+    conv_states[i][..., -1] is the newest input. Recurrent states have a fixed size; only attention grows, by one
+    column per token. `seen_tokens` counts the tokens processed; the rotary positions of new tokens start there.
+    Conv and KV tensors use `dtype`, SSM states `ssm_dtype` (default: `dtype`, as mamba-ssm).
+    """
+
+    is_compileable = False  # read by transformers' generate
+    is_croppable = False  # recurrent states cannot be rolled back (no assisted generation)
+
+    def __init__(
+        self,
+        config: XatlConfig,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        ssm_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.layer_types = list(config.layer_types)
+        self.batch_size = batch_size
+        self.seen_tokens = 0
+        ssm_dtype = ssm_dtype or dtype
+        n = len(self.layer_types)
+        self.conv_states: list[torch.Tensor | None] = [None] * n
+        self.ssm_states: list[torch.Tensor | None] = [None] * n
+        self.key_cache: list[torch.Tensor | None] = [None] * n
+        self.value_cache: list[torch.Tensor | None] = [None] * n
+        for i, kind in enumerate(self.layer_types):
+            if kind == "mamba":
+                m, d_inner = config.mamba, config.mamba["expand"] * config.hidden_size
+                conv_shape, ssm_shape = (d_inner, m["d_conv"]), (d_inner, m["d_state"])
+            elif kind == "mamba2":
+                m, dims = config.mamba2, _mamba2_dims(config)
+                conv_shape = (dims["conv_dim"], m["d_conv"])
+                ssm_shape = (dims["nheads"], m["headdim"], m["d_state"])
+            else:
+                kv_shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)
+                self.key_cache[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                self.value_cache[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
+                continue
+            self.conv_states[i] = torch.zeros(batch_size, *conv_shape, dtype=dtype, device=device)
+            self.ssm_states[i] = torch.zeros(batch_size, *ssm_shape, dtype=ssm_dtype, device=device)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: True for a fixed-size recurrent state (read by transformers' generate)."""
+        return [kind != "attention" for kind in self.layer_types]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def update_attention(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys and values (batch, kv_heads, L, head_dim); return all of them so far."""
+        keys = torch.cat([self.key_cache[layer_idx], key.to(self.key_cache[layer_idx].dtype)], dim=2)
+        values = torch.cat([self.value_cache[layer_idx], value.to(self.value_cache[layer_idx].dtype)], dim=2)
+        self.key_cache[layer_idx], self.value_cache[layer_idx] = keys, values
+        return keys.to(key.dtype), values.to(value.dtype)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search)."""
+        for states in (self.conv_states, self.ssm_states, self.key_cache, self.value_cache):
+            for i, t in enumerate(states):
+                if t is not None:
+                    states[i] = t.index_select(0, beam_idx.to(t.device))
+        self.batch_size = len(beam_idx)
+
+    def _bytes(self, tensors: list[torch.Tensor | None], per_sequence: bool) -> int:
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total // max(self.batch_size, 1) if per_sequence else total
+
+    def recurrent_bytes(self, per_sequence: bool = True) -> int:
+        """Bytes of the Mamba / Mamba2 conv and SSM states: fixed, whatever the number of tokens seen."""
+        return self._bytes(self.conv_states + self.ssm_states, per_sequence)
+
+    def kv_bytes(self, per_sequence: bool = True) -> int:
+        """Bytes of the attention layers' keys and values: grows linearly with `seen_tokens`."""
+        return self._bytes(self.key_cache + self.value_cache, per_sequence)
+
+    def state_bytes(self, per_sequence: bool = True) -> int:
+        """All the memory this cache holds now (recurrent + KV), per sequence by default or for the whole batch."""
+        return self.recurrent_bytes(per_sequence) + self.kv_bytes(per_sequence)
+
+    def __repr__(self) -> str:
+        return (
+            f"XatlCache(layers={self.layer_types}, batch_size={self.batch_size}, seen_tokens={self.seen_tokens}, "
+            f"state_bytes_per_sequence={self.state_bytes()})"
+        )
+
+
+def new_cache(
+    model_or_config: nn.Module | XatlConfig,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> XatlCache:
+    """An empty `XatlCache`; dtype and device default to the model's (fp32 / CPU for a config)."""
+    if isinstance(model_or_config, nn.Module):
+        param = next(model_or_config.parameters())
+        config = model_or_config.config
+        dtype, device = dtype or param.dtype, device or param.device
+    else:
+        config = model_or_config
+    return XatlCache(config, batch_size, dtype=dtype or torch.float32, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,6 +344,40 @@ class XatlRMSNorm(nn.Module):
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
+
+
+class XatlGatedRMSNorm(nn.Module):
+    """mamba-ssm's gated RMSNorm (`layernorm_gated.RMSNorm`), in fp32: rmsnorm(x * silu(z)) per group of channels.
+
+    With norm_before_gate, rmsnorm(x) * silu(z) instead.
+    """
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x, gate = hidden_states.float(), F.silu(gate.float())
+        if not self.norm_before_gate:
+            x = x * gate
+        groups = x.unflatten(-1, (-1, self.group_size))
+        x = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        x = x * self.weight.float()
+        if self.norm_before_gate:
+            x = x * gate
+        return x.to(dtype)
+
+
+def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d, previous: torch.Tensor | None) -> torch.Tensor:
+    """silu(depthwise causal conv(x)) for x (batch, channels, L); `previous` (batch, channels, d_conv - 1) holds
+    the inputs just before x (zeros when None). With L = 1 this is mamba-ssm's single-step conv update."""
+    width = conv.kernel_size[0]
+    full = F.pad(x, (width - 1, 0)) if previous is None else torch.cat([previous.to(x.dtype), x], dim=-1)
+    return F.silu(F.conv1d(full, conv.weight, conv.bias, groups=conv.groups))
 
 
 def _make_norm(config: XatlConfig) -> nn.Module:
@@ -229,8 +505,10 @@ class XatlAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attn_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
     ) -> torch.Tensor:
-        """attn_mask: None (plain causal) or a boolean (batch, 1, L, L) mask, True = may attend."""
+        """attn_mask: None (plain causal, or all keys for one new token) or a boolean (batch, 1, L, past + L) mask,
+        True = may attend. With a cache, the new keys and values are appended to it and attend with the old ones."""
         b, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -238,11 +516,14 @@ class XatlAttention(nn.Module):
         cos, sin = position_embeddings
         if cos.shape[-1] > 0:
             q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update_attention(self.layer_idx, k, v)
         if self.num_kv_heads != self.num_heads:  # GQA: each kv head serves a consecutive group of query heads
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        is_causal = attn_mask is None and k.shape[2] == length  # else one new token, which sees every key
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.head_dim**-0.5
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.head_dim**-0.5
         )
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
@@ -276,19 +557,34 @@ class XatlMamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """padding_mask (batch, L), 1 = token, 0 = padding: padded inputs are zeroed so they add no state."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
+    ) -> torch.Tensor:
+        """padding_mask (batch, L), 1 = token, 0 = padding: padded inputs are zeroed so they add no state.
+
+        With a cache, continues from its states and leaves the final ones there: one new token takes mamba-ssm's
+        single-step update (O(1), the prefix is never re-read); several run the scan from the cached state.
+        """
         length = hidden_states.shape[1]
-        kernels = _mamba_kernels() if hidden_states.is_cuda else None
+        fresh = cache is None or cache.seen_tokens == 0  # no earlier state: the kernels apply
+        kernels = _mamba_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         if padding_mask is not None:
             x = x * padding_mask[:, None, :].to(x.dtype)
-        if kernels is not None:
+        previous = None
+        if cache is not None:
+            conv_state = cache.conv_states[self.layer_idx]
+            previous = conv_state[..., 1:]
+            cache.conv_states[self.layer_idx] = torch.cat([conv_state, x.to(conv_state.dtype)], -1)[..., -self.d_conv :]
+        if kernels is not None and fresh:
             causal_conv1d_fn, _ = kernels
             w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
             x = causal_conv1d_fn(x.contiguous(), w, self.conv1d.bias, activation="silu")
         else:
-            x = F.silu(self.conv1d(x)[..., :length])
+            x = _causal_conv_silu(x, self.conv1d, previous)
         if padding_mask is not None:
             x = x * padding_mask[:, None, :].to(x.dtype)
 
@@ -296,19 +592,132 @@ class XatlMamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); the bias is added in the scan
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, d_state, L)
         A = -torch.exp(self.A_log.float())
-        scan = kernels[1] if kernels is not None else selective_scan_reference
-        y = scan(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-        )
+        if cache is not None and length == 1:  # mamba-ssm's Mamba.step
+            ssm_state = cache.ssm_states[self.layer_idx]
+            delta = F.softplus(dt[..., 0].float() + self.dt_proj.bias.float())  # (b, d_inner)
+            u = x[..., 0].float()
+            h = ssm_state.float() * torch.exp(delta[..., None] * A)
+            h = h + (delta * u)[..., None] * B[..., 0].float()[:, None]
+            y = torch.einsum("bdn,bn->bd", h, C[..., 0].float()) + self.D.float() * u
+            y = (y * F.silu(z[..., 0].float())).to(x.dtype)[..., None]
+            cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
+            return self.out_proj(y.transpose(1, 2))
+        scan_kwargs: dict[str, Any] = {"z": z, "delta_bias": self.dt_proj.bias.float(), "delta_softplus": True}
+        if cache is not None:
+            scan_kwargs["return_last_state"] = True
+        if kernels is not None and fresh:
+            scan = kernels[1]
+        else:
+            scan = selective_scan_reference
+            if not fresh:
+                scan_kwargs["initial_state"] = cache.ssm_states[self.layer_idx]
+        y = scan(x, dt, A, B, C, self.D.float(), **scan_kwargs)
+        if cache is not None:
+            y, last_state = y
+            cache.ssm_states[self.layer_idx] = last_state.to(cache.ssm_states[self.layer_idx].dtype)
         return self.out_proj(y.transpose(1, 2))
+
+
+class XatlMamba2(nn.Module):
+    """SSD mixer with mamba-ssm's Mamba2 parameter names, shapes and semantics.
+
+    in_proj rows are [z (d_inner), x (d_inner), B (ngroups * d_state), C (ngroups * d_state), dt (nheads)];
+    conv1d is depthwise over x‖B‖C (conv_dim channels) followed by SiLU; B and C are shared by nheads / ngroups
+    consecutive heads; the output is out_proj(rmsnorm(y * silu(z))), the norm taken per group of d_inner / ngroups
+    channels. Runs mamba-ssm's `mamba_chunk_scan_combined` and causal-conv1d for CUDA inputs when they import, else
+    `ssd_chunk_scan_reference`.
+    """
+
+    def __init__(self, config: XatlConfig, layer_idx: int) -> None:
+        super().__init__()
+        m, dims = config.mamba2, _mamba2_dims(config)
+        self.layer_idx = layer_idx
+        self.d_state, self.d_conv, self.headdim = m["d_state"], m["d_conv"], m["headdim"]
+        self.ngroups, self.chunk_size = m["ngroups"], m["chunk_size"]
+        self.d_inner, self.nheads, self.conv_dim = dims["d_inner"], dims["nheads"], dims["conv_dim"]
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=m["proj_bias"])
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=self.d_conv,
+            groups=self.conv_dim,
+            padding=self.d_conv - 1,
+            bias=m["conv_bias"],
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = XatlGatedRMSNorm(
+            self.d_inner, self.d_inner // self.ngroups, eps=1e-5, norm_before_gate=m["norm_before_gate"]
+        )
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
+        setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
+    ) -> torch.Tensor:
+        """As `XatlMamba.forward`: padding zeroed; with a cache, one token takes mamba-ssm's Mamba2.step."""
+        b, length, _ = hidden_states.shape
+        fresh = cache is None or cache.seen_tokens == 0
+        kernels = _mamba2_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, L)
+        if padding_mask is not None:
+            xBC = xBC * padding_mask[:, None, :].to(xBC.dtype)
+        previous = None
+        if cache is not None:
+            conv_state = cache.conv_states[self.layer_idx]
+            previous = conv_state[..., 1:]
+            new_window = torch.cat([conv_state, xBC.to(conv_state.dtype)], -1)[..., -self.d_conv :]
+            cache.conv_states[self.layer_idx] = new_window
+        if kernels is not None and fresh:
+            w = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
+            xBC = kernels[0](xBC.contiguous(), w, self.conv1d.bias, activation="silu")
+        else:
+            xBC = _causal_conv_silu(xBC, self.conv1d, previous)
+        if padding_mask is not None:
+            xBC = xBC * padding_mask[:, None, :].to(xBC.dtype)
+        n_bc = self.ngroups * self.d_state
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, n_bc, n_bc], dim=-1)
+        x = x.reshape(b, length, self.nheads, self.headdim)
+        B = B.reshape(b, length, self.ngroups, self.d_state)
+        C = C.reshape(b, length, self.ngroups, self.d_state)
+        A = -torch.exp(self.A_log.float())
+
+        if cache is not None and length == 1:  # mamba-ssm's Mamba2.step: h = exp(dt A) h + dt x Bᵀ, y = h C + D x
+            ssm_state = cache.ssm_states[self.layer_idx]  # (b, nheads, headdim, d_state)
+            rep = self.nheads // self.ngroups
+            B1, C1 = (t[:, 0].float().repeat_interleave(rep, dim=1) for t in (B, C))  # (b, nheads, d_state)
+            delta = F.softplus(dt[:, 0].float() + self.dt_bias.float())  # (b, nheads)
+            u = x[:, 0].float()  # (b, nheads, headdim)
+            h = ssm_state.float() * torch.exp(delta * A)[..., None, None]
+            h = h + (delta[..., None] * u)[..., None] * B1[:, :, None, :]
+            y = torch.einsum("bhpn,bhn->bhp", h, C1) + self.D.float()[:, None] * u
+            cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
+            y = y.to(x.dtype)[:, None]
+        else:
+            scan = kernels[1] if kernels is not None else ssd_chunk_scan_reference
+            y = scan(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                chunk_size=self.chunk_size,
+                D=self.D,
+                dt_bias=self.dt_bias,
+                initial_states=None if fresh else cache.ssm_states[self.layer_idx],
+                dt_softplus=True,
+                return_final_states=cache is not None,
+            )
+            if cache is not None:
+                y, final_state = y
+                cache.ssm_states[self.layer_idx] = final_state.to(cache.ssm_states[self.layer_idx].dtype)
+        y = self.norm(y.reshape(b, length, self.d_inner), z)
+        return self.out_proj(y)
 
 
 class XatlBlock(GradientCheckpointingLayer):
@@ -321,6 +730,8 @@ class XatlBlock(GradientCheckpointingLayer):
         self.input_norm = _make_norm(config)
         if self.layer_type == "attention":
             self.mixer: nn.Module = XatlAttention(config, layer_idx)
+        elif self.layer_type == "mamba2":
+            self.mixer = XatlMamba2(config, layer_idx)
         else:
             self.mixer = XatlMamba(config, layer_idx)
         self.mlp_norm = _make_norm(config)
@@ -332,12 +743,13 @@ class XatlBlock(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
     ) -> torch.Tensor:
         normed = self.input_norm(hidden_states)
         if self.layer_type == "attention":
-            mixed = self.mixer(normed, position_embeddings, attn_mask)
+            mixed = self.mixer(normed, position_embeddings, attn_mask, cache=cache)
         else:
-            mixed = self.mixer(normed, padding_mask)
+            mixed = self.mixer(normed, padding_mask, cache=cache)
         if self.parallel_residual:
             return hidden_states + mixed + self.mlp(self.mlp_norm(hidden_states))
         hidden_states = hidden_states + mixed
@@ -382,7 +794,7 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
     elif isinstance(module, nn.Embedding):
         if _fresh(module.weight):
             nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-    elif isinstance(module, (nn.LayerNorm, XatlRMSNorm)):
+    elif isinstance(module, (nn.LayerNorm, XatlRMSNorm, XatlGatedRMSNorm)):
         if _fresh(module.weight):
             nn.init.ones_(module.weight)
         if _fresh(getattr(module, "bias", None)):
@@ -391,6 +803,18 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
         if _fresh(module.A_log):  # S4D-real: A = -(1..d_state) in every channel
             a = torch.arange(1, module.d_state + 1, dtype=torch.float32, device=module.A_log.device)
             module.A_log.copy_(torch.log(a).expand(module.d_inner, -1))
+        if _fresh(module.D):
+            nn.init.ones_(module.D)
+    elif isinstance(module, XatlMamba2):
+        m = config.mamba2
+        if _fresh(module.dt_bias):  # dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^-1(dt)
+            log_lo, log_hi = math.log(m["dt_min"]), math.log(m["dt_max"])
+            u = torch.rand(module.nheads, dtype=torch.float32, device=module.dt_bias.device)
+            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=m["dt_init_floor"])
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        if _fresh(module.A_log):  # A ~ U(A_init_range) per head
+            a = torch.empty(module.nheads, dtype=torch.float32, device=module.A_log.device).uniform_(*m["A_init_range"])
+            module.A_log.copy_(torch.log(a))
         if _fresh(module.D):
             nn.init.ones_(module.D)
 
@@ -411,6 +835,15 @@ def _init_dt_proj(linear: nn.Linear, config: XatlConfig) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
+
+# transformers 5 renamed the outputs' `past_key_values` field to `cache` (keeping `past_key_values` as a property).
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _pick_cache(cache: XatlCache | None, past_key_values: XatlCache | None) -> XatlCache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as cache= or as past_key_values=")
+    return cache if cache is not None else past_key_values
 
 
 class XatlPreTrainedModel(PreTrainedModel):
@@ -450,58 +883,106 @@ class XatlModel(XatlPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: XatlCache | None = None,
+        use_cache: bool | None = None,
+        past_key_values: XatlCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
-        """attention_mask: optional (batch, L) 1/0 padding mask. No cache yet: every call sees the whole sequence."""
+        """attention_mask: optional (batch, L) or, with a cache, (batch, seen + L) 1/0 padding mask.
+
+        cache (or its older name past_key_values): an `XatlCache`; the call then processes only the new tokens, after
+        the `cache.seen_tokens` already seen, and updates the cache in place. use_cache=True (default:
+        config.use_cache outside training) creates one when none is given. The cache is returned when present.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = _pick_cache(cache, past_key_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        length = hidden_states.shape[1]
+        batch, length = hidden_states.shape[:2]
         device = hidden_states.device
+        if cache is None and use_cache:
+            cache = XatlCache(self.config, batch, dtype=hidden_states.dtype, device=device)
+        if cache is not None and not isinstance(cache, XatlCache):
+            raise TypeError(f"cache must be an XatlCache (see new_cache), got {type(cache).__name__}")
+        past = cache.seen_tokens if cache is not None else 0
+        total = past + length
 
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the plain causal path
-        attn_mask = None
         if attention_mask is not None:
-            causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-            attn_mask = causal & attention_mask.bool()[:, None, None, :]
-            # Let every query see itself, so fully padded rows give finite (ignored) outputs instead of NaN.
-            attn_mask = attn_mask | torch.eye(length, dtype=torch.bool, device=device)
+            if attention_mask.shape[-1] == length and past > 0:  # a mask of the new tokens only: the past is real
+                attention_mask = F.pad(attention_mask, (past, 0), value=1)
+            elif attention_mask.shape[-1] != total:
+                raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns, expected {length} or {total}")
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: take the plain causal path
+        attn_mask = None
+        padding_mask = None
+        if attention_mask is not None or (past > 0 and length > 1):
+            query_pos = torch.arange(past, total, device=device)[:, None]
+            key_pos = torch.arange(total, device=device)[None, :]
+            attn_mask = (key_pos <= query_pos)[None, None]  # causal, offset by the tokens already seen
+            if attention_mask is not None:
+                padding_mask = attention_mask[:, -length:]
+                attn_mask = attn_mask & attention_mask.bool()[:, None, None, :]
+                # Let every query see itself, so fully padded rows give finite (ignored) outputs instead of NaN.
+                attn_mask = attn_mask | (key_pos == query_pos)
 
         position_embeddings = None
         if "attention" in self.config.layer_types:
             if position_ids is None:
-                position_ids = torch.arange(length, device=device).unsqueeze(0)
+                position_ids = torch.arange(past, total, device=device).unsqueeze(0)
             position_embeddings = rotary_cos_sin(self.config, position_ids, hidden_states.dtype)
 
         all_hidden_states: tuple[torch.Tensor, ...] = ()
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = layer(hidden_states, position_embeddings, attn_mask, attention_mask)
+            hidden_states = layer(hidden_states, position_embeddings, attn_mask, padding_mask, cache=cache)
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.seen_tokens += length
 
         out = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states if output_hidden_states else None
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states if output_hidden_states else None,
+            **{_CACHE_FIELD: cache},
         )
         return out if return_dict else out.to_tuple()
 
 
 class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
-    """XatlModel plus an LM head (tied to the embeddings when config.tie_word_embeddings)."""
+    """XatlModel plus an LM head (tied to the embeddings when config.tie_word_embeddings).
+
+    Generation: `model.generate(ids, max_new_tokens=k)` keeps an `XatlCache` (created on the first forward with
+    use_cache=True, then passed back by transformers under the name `cache`). By hand:
+    `out = model(ids, use_cache=True)`, then `out = model(next_ids, past_key_values=out.past_key_values)`
+    (`cache=` / `out.cache` are transformers 5's names for the same thing).
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012
+    _is_stateful = True  # recurrent states cannot be cropped: transformers then refuses assisted generation
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: generate must not build its DynamicCache (our layer types are not its); forward builds ours."""
+        return False
 
     def __init__(self, config: XatlConfig) -> None:
         super().__init__(config)
         self.model = XatlModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # transformers copies config.use_cache (False by default here: plain forwards build no cache) into the
+        # generation config, which would make `generate` re-read the whole prefix at every step. Generation
+        # uses the cache unless `generate(..., use_cache=False)` asks otherwise.
+        if self.generation_config is not None and not self.generation_config.use_cache:
+            self.generation_config.use_cache = True
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -524,11 +1005,16 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        cache: XatlCache | None = None,
+        use_cache: bool | None = None,
+        past_key_values: XatlCache | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """labels: next-token targets aligned with input_ids (shifted inside, -100 ignored), as transformers does.
 
-        Cache arguments (cache, past_key_values, use_cache) are accepted and ignored: no cache yet.
+        cache / past_key_values / use_cache: see `XatlModel.forward`; the output carries the cache (transformers 5
+        names the field `cache`; `out.past_key_values` reads it too). logits_to_keep: as transformers (0 = all).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -538,30 +1024,46 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            cache=_pick_cache(cache, past_key_values),
+            use_cache=use_cache,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])
         loss = None
         if labels is not None:
             num_items = kwargs.get("num_items_in_batch")
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items
             )
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
         return out if return_dict else out.to_tuple()
 
 
 __all__ = [
     "XatlAttention",
     "XatlBlock",
+    "XatlCache",
     "XatlForCausalLM",
+    "XatlGatedRMSNorm",
     "XatlMLP",
     "XatlMamba",
+    "XatlMamba2",
     "XatlModel",
     "XatlPreTrainedModel",
     "XatlRMSNorm",
     "compute_default_rope_parameters",
     "init_xatl_weights",
+    "kernels_available",
+    "new_cache",
+    "reference_path",
     "rope_inv_freq",
     "rotary_cos_sin",
     "selective_scan_reference",
+    "ssd_chunk_scan_reference",
 ]

@@ -6,6 +6,7 @@ Each check returns a CheckResult; `verify()` runs them in order and collects the
 from __future__ import annotations
 
 import math
+import time
 from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from xatl_convert.errors import XatlError
 from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -22,11 +24,18 @@ from xatl_convert.verify.report import CheckResult, VerifyReport
 
 SAMPLE_TOKENS = 256
 LOGITS_TOLERANCE = 1e-4
+DECODE_TOKENS = 48  # tokens of the sample that the incremental-decoding check walks through
+PREFILL_TOKENS = 16
 
 
-def verify(output: str | Path, source: str | Path | None = None, seed: int = 0) -> VerifyReport:
-    """Run every check that applies to a converted folder (and its source, when given or recorded)."""
+def verify(output: str | Path, source: str | Path | None = None, seed: int = 0, device: str = "auto") -> VerifyReport:
+    """Run every check that applies to a converted folder (and its source, when given or recorded).
+
+    device: "cpu", "cuda", or "auto" (CUDA when available). On CUDA with mamba-ssm importable, each LCI mixer's
+    kernel path is also checked against its reference path.
+    """
     output = Path(output)
+    target = resolve_device(device)
     manifest = read_manifest(output)
     if source is None and Path(manifest["source"]["path"]).is_dir():
         source = manifest["source"]["path"]
@@ -37,13 +46,27 @@ def verify(output: str | Path, source: str | Path | None = None, seed: int = 0) 
         checkpoint = stack.enter_context(resolve_source(source)) if source is not None else None
         if checkpoint is not None:
             report.checks.append(check_transfers_exact(manifest, tensors, checkpoint))
-    model = _load_converted(output)
-    input_ids = sample_input_ids(output, model.config)
+    model = _load_converted(output).to(target)
+    input_ids = sample_input_ids(output, model.config).to(target)
     report.checks.append(check_logits_finite(model, input_ids))
-    reference = _load_source_model(source) if source is not None else None
+    reference = _load_source_model(source).to(target) if source is not None else None
     report.checks.append(check_loss_against_scratch(model, input_ids, seed, reference))
     report.checks.append(check_attention_reproduces_source(model, input_ids, reference))
+    report.checks.append(check_incremental_decoding(model, input_ids))
+    if target.type == "cuda":
+        report.checks.extend(check_kernels_against_reference(model))
     return report
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise XatlError(f"--device {device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise XatlError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return torch.device(device)
 
 
 def check_tensors_as_planned(manifest: dict[str, Any], tensors: dict[str, Any]) -> CheckResult:
@@ -140,6 +163,70 @@ def check_attention_reproduces_source(
         difference = (model(input_ids).logits - reference(input_ids).logits).abs().max().item()
     passed = difference <= LOGITS_TOLERANCE
     return CheckResult(name, "pass" if passed else "fail", f"{difference:.2e}", bound, {"max_abs_diff": difference})
+
+
+def check_incremental_decoding(model: XatlForCausalLM, input_ids: torch.Tensor) -> CheckResult:
+    """(f) Prefill, then one token at a time through the cache: the logits equal one full forward's."""
+    ids = input_ids[:, :DECODE_TOKENS]
+    prefill = min(PREFILL_TOKENS, ids.shape[1] - 1)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :prefill], use_cache=True)
+        steps = [out.logits]
+        for position in range(prefill, ids.shape[1]):
+            out = model(ids[:, position : position + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    difference = (torch.cat(steps, dim=1) - full).abs().max().item()
+    return CheckResult(
+        name="incremental decoding = full forward",
+        status="pass" if difference <= LOGITS_TOLERANCE else "fail",
+        value=f"{difference:.2e} over {ids.shape[1] - prefill} steps",
+        bound=f"max abs diff ≤ {LOGITS_TOLERANCE:g}",
+        details={"max_abs_diff": difference, "prefill": prefill, "steps": ids.shape[1] - prefill},
+    )
+
+
+def check_kernels_against_reference(model: XatlForCausalLM) -> list[CheckResult]:
+    """(g) On CUDA: each LCI mixer type's kernel path against its reference path, in fp32 and bf16, timed."""
+    from xatl_convert.models.modeling_xatl import kernels_available, reference_path
+
+    results = []
+    for kind in sorted(set(model.config.layer_types) - {"attention"}):
+        name = f"{kind} kernels = reference"
+        if not kernels_available(kind):
+            results.append(CheckResult(name, "skip", "mamba-ssm / causal-conv1d not importable", "—"))
+            continue
+        mixer = next(layer.mixer for layer in model.model.layers if layer.layer_type == kind)
+        for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+            generator = torch.Generator(device="cuda").manual_seed(0)
+            hidden = torch.randn(2, 512, model.config.hidden_size, device="cuda", generator=generator, dtype=dtype)
+            module = mixer.to(dtype)
+            with torch.no_grad():
+                kernel_out, kernel_ms = _timed_cuda(module, hidden)
+                with reference_path():
+                    reference_out, reference_ms = _timed_cuda(module, hidden)
+            error = ((kernel_out.float() - reference_out.float()).norm() / reference_out.float().norm()).item()
+            results.append(
+                CheckResult(
+                    f"{name} ({str(dtype).removeprefix('torch.')})",
+                    "pass" if error <= bound else "fail",
+                    f"rel. error {error:.1e}; kernel {kernel_ms:.2f} ms, reference {reference_ms:.2f} ms",
+                    f"≤ {bound:g}",
+                    {"relative_error": error, "kernel_ms": kernel_ms, "reference_ms": reference_ms},
+                )
+            )
+        mixer.to(torch.float32)
+    return results
+
+
+def _timed_cuda(module: torch.nn.Module, hidden: torch.Tensor, repeats: int = 5) -> tuple[torch.Tensor, float]:
+    result = module(hidden)  # warm-up (and Triton compilation)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = module(hidden)
+    torch.cuda.synchronize()
+    return result, 1000 * (time.perf_counter() - start) / repeats
 
 
 def sample_input_ids(folder: Path, config: XatlConfig) -> torch.Tensor:
