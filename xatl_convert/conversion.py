@@ -93,6 +93,11 @@ def plan_conversion(
         raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
     checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source, revision, cache_dir)
     chosen = select_mapping(checkpoint, to, mapping)
+    if (overrides or {}).get("options.attention_init") and "attention_init" not in chosen.options:
+        raise PlanError(
+            f"--init attention: mapping {chosen.name!r} has no attention-informed init (it fills Mamba2's in_proj; "
+            "use --to mamba2)"
+        )
     return build_plan(checkpoint, chosen, attn_layers, overrides, dtype, seed)
 
 
