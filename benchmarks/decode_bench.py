@@ -36,14 +36,14 @@ def decode_ms_per_token(model: torch.nn.Module, context: int, steps: int = DECOD
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, context), generator=generator)
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache  # transformers 5 names the cache `cache` (formerly past_key_values)
         token = out.logits[:, -1:].argmax(-1)
         timings = []
         for _ in range(steps):
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, cache=cache, use_cache=True)
             timings.append(time.perf_counter() - start)
-            cache = out.past_key_values
+            cache = out.cache
             token = out.logits[:, -1:].argmax(-1)
     return 1000 * statistics.median(timings), cache
 

@@ -174,7 +174,7 @@ def check_incremental_decoding(model: XatlForCausalLM, input_ids: torch.Tensor) 
         out = model(ids[:, :prefill], use_cache=True)
         steps = [out.logits]
         for position in range(prefill, ids.shape[1]):
-            out = model(ids[:, position : position + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, position : position + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits)
     difference = (torch.cat(steps, dim=1) - full).abs().max().item()
     return CheckResult(

@@ -1,0 +1,123 @@
+"""Every GPU check of xatl-convert in one run; benchmarks/gpu_check.sh prepares the machine and calls this.
+
+    python benchmarks/gpu_check.py run --device cuda --json results.json   # on the GPU machine
+    python benchmarks/gpu_check.py run --device cpu --quick                # the CPU-side dry run, here
+    python benchmarks/gpu_check.py patch-sources --arch 90 --into /tmp/x   # unpack the sdists for one GPU arch
+
+`run` converts the shipped example checkpoint (to Mamba, to Mamba2 with the attention-informed init, and to the
+paper's hybrid) and a pythia-160m-shaped random GPT-NeoX (to Mamba and Mamba2), then runs `xatl verify` on each
+with the given device. On CUDA with mamba-ssm importable, verify adds the kernel-against-reference checks (relative
+error ≤ 1e-3 in fp32, ≤ 2e-2 in bf16, with timings). Everything lands in one JSON file.
+
+`patch-sources` unpacks the carried mamba-ssm and causal-conv1d sdists and limits their CUDA builds to one
+architecture: their setup.py compiles for about ten (sm_75 … sm_121), which takes far longer than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPS = ROOT / ".gpu-deps"
+EXAMPLE = ROOT / "examples" / "pythia-tiny"
+PYTHIA_160M = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+               "vocab_size": 50304, "rotary_pct": 0.25, "max_position_embeddings": 2048}  # fmt: skip
+ARCH_MARKER = "    # HACK: The compiler flag"
+
+
+def patch_sources(arch: str, into: Path) -> list[Path]:
+    """Unpack each sdist in .gpu-deps and make its setup.py compile for `arch` (e.g. "90") only."""
+    folders = []
+    for archive in sorted(DEPS.glob("*.tar.gz")):
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+        folder = into / archive.name.removesuffix(".tar.gz")
+        setup = folder / "setup.py"
+        text = setup.read_text()
+        if ARCH_MARKER not in text:
+            raise SystemExit(f"{setup}: marker not found; check the architecture patch for this version")
+        only = (
+            '    cc_flag[:] = [f for f in cc_flag if not f.startswith(("-gencode", "arch="))]'
+            f' + ["-gencode", "arch=compute_{arch},code=sm_{arch}"]\n'
+        )
+        setup.write_text(text.replace(ARCH_MARKER, only + ARCH_MARKER, 1))
+        folders.append(folder)
+    return folders
+
+
+def run(device: str, quick: bool, json_path: Path | None) -> bool:
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from xatl_convert.conversion import convert, init_overrides
+    from xatl_convert.models.modeling_xatl import kernels_available
+    from xatl_convert.verify import verify
+
+    transformers_logging.disable_progress_bar()
+    results: dict[str, object] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "kernels": {kind: kernels_available(kind) for kind in ("mamba", "mamba2")},
+        "conversions": {},
+    }
+    with tempfile.TemporaryDirectory() as work:
+        sources = {"example": EXAMPLE}
+        if not quick:
+            torch.manual_seed(0)
+            sources["pythia-160m-shape"] = Path(work) / "pythia-160m"
+            GPTNeoXForCausalLM(GPTNeoXConfig(**PYTHIA_160M)).save_pretrained(sources["pythia-160m-shape"])
+        cases = [
+            ("example", "mamba", {}, None),
+            ("example", "mamba2", init_overrides("attention"), None),
+            ("example", "mamba", {}, "paper"),
+            ("pythia-160m-shape", "mamba", {"mamba.expand": 2}, None),
+            ("pythia-160m-shape", "mamba2", {}, None),
+        ]
+        passed = True
+        for source_name, target, overrides, attn_layers in cases:
+            if source_name not in sources:
+                continue
+            name = f"{source_name} → {target}" + (f" ({attn_layers})" if attn_layers else "")
+            out = Path(work) / name.replace(" ", "_").replace("→", "to")
+            start = time.perf_counter()
+            convert(sources[source_name], out, to=target, overrides=overrides, attn_layers=attn_layers)
+            report = verify(out, sources[source_name], device=device)
+            results["conversions"][name] = {**report.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
+            passed &= report.passed
+            for check in report.checks:
+                print(f"{name:40s} {check.name:45s} {check.status:5s} {check.value}", flush=True)
+    results["passed"] = passed
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return passed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run")
+    run_parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    run_parser.add_argument("--quick", action="store_true", help="only the example checkpoint")
+    run_parser.add_argument("--json", type=Path)
+    patch_parser = commands.add_parser("patch-sources")
+    patch_parser.add_argument("--arch", required=True, help='compute capability without the dot, e.g. "90"')
+    patch_parser.add_argument("--into", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "patch-sources":
+        for folder in patch_sources(args.arch, args.into):
+            print(folder)
+        return
+    raise SystemExit(0 if run(args.device, args.quick, args.json) else 1)
+
+
+if __name__ == "__main__":
+    main()
