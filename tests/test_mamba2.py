@@ -85,3 +85,15 @@ def test_verify_on_cuda_without_a_gpu_is_a_clear_error(neox_checkpoint: Path, tm
     result = CliRunner().invoke(app, ["verify", str(out), "--device", "cuda"])
     assert result.exit_code == 2
     assert "no CUDA device is available" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["mamba", "mamba2"])
+@pytest.mark.parametrize("attn_layers", ["none", "every-2"])
+def test_verify_checks_incremental_decoding_for_pure_and_hybrid_models(
+    neox_checkpoint: Path, tmp_path: Path, target: str, attn_layers: str
+) -> None:
+    out = tmp_path / "out"
+    plan = convert(neox_checkpoint, out, to=target, attn_layers=attn_layers)
+    assert ("attention" in plan.layer_types) is (attn_layers != "none")
+    check = verify(out, neox_checkpoint).check("incremental decoding = full forward")
+    assert check.status == "pass" and check.details["max_abs_diff"] <= 1e-4 and check.details["steps"] > 0
