@@ -48,6 +48,9 @@ from xatl_convert.models.modeling_xatl import rotary_cos_sin
 VOCAB, HIDDEN, HEADS = 128, 64, 4
 
 
+MAMBA2_TINY = {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 8}
+
+
 def tiny_config(**overrides) -> XatlConfig:
     kwargs = dict(
         vocab_size=VOCAB,
@@ -410,18 +413,22 @@ def test_reference_scan_matches_naive_loop() -> None:
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_mamba_mixer_is_causal() -> None:
+@pytest.mark.parametrize(
+    ("layer_type", "length", "changed"),
+    [("mamba", 12, 7), ("mamba2", 19, 11)],  # mamba2: across chunks of 8
+)
+def test_lci_mixers_are_causal(layer_type: str, length: int, changed: int) -> None:
     torch.manual_seed(0)
-    cfg = tiny_config(num_hidden_layers=1)
+    extra = {"mamba2": MAMBA2_TINY} if layer_type == "mamba2" else {}
+    cfg = tiny_config(num_hidden_layers=1, layer_types=[layer_type], **extra)
     mixer = XatlForCausalLM(cfg).model.layers[0].mixer
-    x = torch.randn(2, 12, HIDDEN)
-    t = 7
+    x = torch.randn(2, length, HIDDEN)
     x2 = x.clone()
-    x2[:, t] += torch.randn(2, HIDDEN)
+    x2[:, changed] += torch.randn(2, HIDDEN)
     with torch.no_grad():
         y, y2 = mixer(x), mixer(x2)
-    torch.testing.assert_close(y[:, :t], y2[:, :t], atol=0, rtol=0)
-    assert (y[:, t] - y2[:, t]).abs().max() > 1e-4
+    torch.testing.assert_close(y[:, :changed], y2[:, :changed], atol=0, rtol=0)
+    assert (y[:, changed] - y2[:, changed]).abs().max() > 1e-4
 
 
 def test_hybrid_model_forward_and_save_load_roundtrip(tmp_path) -> None:
@@ -595,8 +602,6 @@ def test_copied_model_files_load_as_remote_code_without_the_package(tmp_path) ->
 # Mamba2
 # --------------------------------------------------------------------------------------------------------------
 
-MAMBA2_TINY = {"d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 8}
-
 
 def naive_ssd(x, dt, A, B, C, D, dt_bias, h0=None):
     """Per-timestep recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_tᵀ, y_t = C_t h_t + D x_t, in float64."""
@@ -715,20 +720,6 @@ def test_mamba2_init_via_meta_to_empty_and_via_constructor() -> None:
     torch.manual_seed(0)
     for layer in XatlForCausalLM(cfg).model.layers:
         _assert_mamba2_init(layer.mixer, cfg)
-
-
-def test_mamba2_mixer_is_causal_for_lengths_across_chunks() -> None:
-    torch.manual_seed(0)
-    cfg = tiny_config(num_hidden_layers=1, layer_types=["mamba2"], mamba2=MAMBA2_TINY)
-    mixer = XatlForCausalLM(cfg).model.layers[0].mixer
-    x = torch.randn(2, 19, HIDDEN)
-    t = 11
-    x2 = x.clone()
-    x2[:, t] += torch.randn(2, HIDDEN)
-    with torch.no_grad():
-        y, y2 = mixer(x), mixer(x2)
-    torch.testing.assert_close(y[:, :t], y2[:, :t], atol=0, rtol=0)
-    assert (y[:, t] - y2[:, t]).abs().max() > 1e-4
 
 
 def test_hybrid_mamba2_model_forward_and_save_load_roundtrip(tmp_path) -> None:
