@@ -139,7 +139,7 @@ def convert_command(
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the transfer plan and write nothing.")] = False,
 ) -> None:
-    """Convert a Transformer checkpoint into an xatl model (Mamba or hybrid)."""
+    """Convert a Transformer checkpoint into an xatl model (Mamba, Mamba2, or a hybrid with attention)."""
     if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
     if out is None and not dry_run:
