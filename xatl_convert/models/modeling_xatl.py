@@ -380,6 +380,38 @@ def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d, previous: torch.Tensor |
     return F.silu(F.conv1d(full, conv.weight, conv.bias, groups=conv.groups))
 
 
+def _short_conv(
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    layer_idx: int,
+    cache: XatlCache | None,
+    padding_mask: torch.Tensor | None,
+    conv_kernel: Callable[..., torch.Tensor] | None,
+) -> torch.Tensor:
+    """The Mamba / Mamba2 short convolution: silu(causal depthwise conv) over x (batch, channels, L).
+
+    Padded positions are zeroed before and after, so they add no state. With a cache it continues from the
+    cached window and leaves the newest d_conv inputs there. `conv_kernel` (causal_conv1d_fn) is used only when
+    there is no earlier window to continue from.
+    """
+    if padding_mask is not None:
+        x = x * padding_mask[:, None, :].to(x.dtype)
+    previous = None
+    if cache is not None:
+        conv_state = cache.conv_states[layer_idx]
+        if cache.seen_tokens > 0:
+            previous = conv_state[..., 1:]
+        width = conv.kernel_size[0]
+        cache.conv_states[layer_idx] = torch.cat([conv_state, x.to(conv_state.dtype)], -1)[..., -width:]
+    if conv_kernel is not None and previous is None:
+        x = conv_kernel(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+    else:
+        x = _causal_conv_silu(x, conv, previous)
+    if padding_mask is not None:
+        x = x * padding_mask[:, None, :].to(x.dtype)
+    return x
+
+
 def _make_norm(config: XatlConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return XatlRMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -572,21 +604,8 @@ class XatlMamba(nn.Module):
         fresh = cache is None or cache.seen_tokens == 0  # no earlier state: the kernels apply
         kernels = _mamba_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
-        if padding_mask is not None:
-            x = x * padding_mask[:, None, :].to(x.dtype)
-        previous = None
-        if cache is not None:
-            conv_state = cache.conv_states[self.layer_idx]
-            previous = conv_state[..., 1:]
-            cache.conv_states[self.layer_idx] = torch.cat([conv_state, x.to(conv_state.dtype)], -1)[..., -self.d_conv :]
-        if kernels is not None and fresh:
-            causal_conv1d_fn, _ = kernels
-            w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
-            x = causal_conv1d_fn(x.contiguous(), w, self.conv1d.bias, activation="silu")
-        else:
-            x = _causal_conv_silu(x, self.conv1d, previous)
-        if padding_mask is not None:
-            x = x * padding_mask[:, None, :].to(x.dtype)
+        conv_kernel = kernels[0] if kernels is not None else None
+        x = _short_conv(x, self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); the bias is added in the scan
@@ -664,22 +683,8 @@ class XatlMamba2(nn.Module):
         fresh = cache is None or cache.seen_tokens == 0
         kernels = _mamba2_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = xBC.transpose(1, 2)  # (b, conv_dim, L)
-        if padding_mask is not None:
-            xBC = xBC * padding_mask[:, None, :].to(xBC.dtype)
-        previous = None
-        if cache is not None:
-            conv_state = cache.conv_states[self.layer_idx]
-            previous = conv_state[..., 1:]
-            new_window = torch.cat([conv_state, xBC.to(conv_state.dtype)], -1)[..., -self.d_conv :]
-            cache.conv_states[self.layer_idx] = new_window
-        if kernels is not None and fresh:
-            w = self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
-            xBC = kernels[0](xBC.contiguous(), w, self.conv1d.bias, activation="silu")
-        else:
-            xBC = _causal_conv_silu(xBC, self.conv1d, previous)
-        if padding_mask is not None:
-            xBC = xBC * padding_mask[:, None, :].to(xBC.dtype)
+        conv_kernel = kernels[0] if kernels is not None else None
+        xBC = _short_conv(xBC.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
         n_bc = self.ngroups * self.d_state
         x, B, C = xBC.transpose(1, 2).split([self.d_inner, n_bc, n_bc], dim=-1)
         x = x.reshape(b, length, self.nheads, self.headdim)
