@@ -7,6 +7,7 @@ by a rule or initialised. Anything else is a PlanError naming the tensors, befor
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -55,10 +56,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def init_unit(self) -> str:

@@ -11,6 +11,7 @@ A ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which re
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import warnings
 from collections.abc import Iterator
@@ -64,10 +65,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
