@@ -73,3 +73,22 @@ def test_mamba_conversion_of_llama_family_handles_heads_and_w_o(kind: str, tmp_p
     assert manifest["tensors"]["model.layers.1.mixer.k_proj.weight"]["status"] == "transferred"
     assert "model.layers.2.self_attn.q_proj.weight" in plan.dropped
     assert verify(out, source).passed
+
+
+def test_sliding_window_source_warns_that_kept_attention_is_global(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from xatl_convert.cli import app
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=64)).save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "m"), "--out", str(out), "--attn-layers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the source uses sliding-window attention (64 tokens)" in result.stderr
+    assert read_manifest(out)["warnings"] == [
+        "the source uses sliding-window attention (64 tokens) and xatl attention is global: the kept attention "
+        "layers match the source only on sequences of up to 64 tokens"
+    ]
+    pure = convert(tmp_path / "m", tmp_path / "pure")  # no attention kept: nothing to warn about
+    assert pure.warnings == []

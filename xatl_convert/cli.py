@@ -88,6 +88,11 @@ def _command_line(context: typer.Context) -> str:
     return shlex.join(words)
 
 
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
 def _fail(error: XatlError) -> typer.Exit:
     _console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     return typer.Exit(error.exit_code)
@@ -153,6 +158,7 @@ def convert_command(
             plan.source.close()
             _console().print(plan_table(plan))
             _console().print(dropped_table(plan))
+            _print_warnings(plan.warnings)
             return
         plan = convert(
             source,
@@ -172,6 +178,7 @@ def convert_command(
         )
     except XatlError as error:
         raise _fail(error) from None
+    _print_warnings(plan.warnings)
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
     _console().print(
         f"[green]wrote[/] {out}: {len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "

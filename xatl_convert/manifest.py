@@ -77,6 +77,7 @@ def build_manifest(plan: ConversionPlan, command_line: str | None = None) -> dic
             "initialised_bytes": plan.total_bytes("initialised"),
             "dropped_source_tensors": len(plan.dropped),
         },
+        "warnings": list(plan.warnings),
         "tensors": tensors,
         "dropped": dict(plan.dropped),
     }

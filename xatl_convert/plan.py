@@ -80,6 +80,7 @@ class ConversionPlan:
     dtype: torch.dtype
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def layer_types(self) -> list[str]:
@@ -143,7 +144,20 @@ def build_plan(
         dtype=output_dtype,
         seed=seed,
         overrides=dict(overrides or {}),
+        warnings=_semantic_warnings(source_config, target_config, kept),
     )
+
+
+def _semantic_warnings(source_config: dict[str, Any], target: XatlConfig, kept: list[int]) -> list[str]:
+    """What the target computes differently from the source even where weights are copied exactly."""
+    warnings = []
+    window = source_config.get("sliding_window")
+    if kept and window and source_config.get("use_sliding_window", True) and window < target.max_position_embeddings:
+        warnings.append(
+            f"the source uses sliding-window attention ({window} tokens) and xatl attention is global: the kept "
+            f"attention layers match the source only on sequences of up to {window} tokens"
+        )
+    return warnings
 
 
 def normalised_source_config(source: SourceCheckpoint) -> dict[str, Any]:
