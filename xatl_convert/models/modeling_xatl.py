@@ -380,6 +380,11 @@ def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d, previous: torch.Tensor |
     return F.silu(F.conv1d(full, conv.weight, conv.bias, groups=conv.groups))
 
 
+def _depthwise_conv(channels: int, width: int, bias: bool) -> nn.Conv1d:
+    """The short causal convolution of Mamba and Mamba2 (mamba-ssm's layout: one filter per channel)."""
+    return nn.Conv1d(channels, channels, kernel_size=width, groups=channels, padding=width - 1, bias=bias)
+
+
 def _short_conv(
     x: torch.Tensor,
     conv: nn.Conv1d,
@@ -573,14 +578,7 @@ class XatlMamba(nn.Module):
         self.d_state, self.d_conv, self.dt_rank = m["d_state"], m["d_conv"], m["dt_rank"]
         self.d_inner = m["expand"] * config.hidden_size
         self.in_proj = nn.Linear(config.hidden_size, 2 * self.d_inner, bias=m["proj_bias"])
-        self.conv1d = nn.Conv1d(
-            self.d_inner,
-            self.d_inner,
-            kernel_size=self.d_conv,
-            groups=self.d_inner,
-            padding=self.d_conv - 1,
-            bias=m["conv_bias"],
-        )
+        self.conv1d = _depthwise_conv(self.d_inner, self.d_conv, m["conv_bias"])
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         setattr(self.dt_proj, _INIT_ROLE, _DT_PROJ)
@@ -655,14 +653,7 @@ class XatlMamba2(nn.Module):
         self.ngroups, self.chunk_size = m["ngroups"], m["chunk_size"]
         self.d_inner, self.nheads, self.conv_dim = dims["d_inner"], dims["nheads"], dims["conv_dim"]
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=m["proj_bias"])
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            kernel_size=self.d_conv,
-            groups=self.conv_dim,
-            padding=self.d_conv - 1,
-            bias=m["conv_bias"],
-        )
+        self.conv1d = _depthwise_conv(self.conv_dim, self.d_conv, m["conv_bias"])
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))

@@ -46,10 +46,11 @@ def verify(output: str | Path, source: str | Path | None = None, seed: int = 0, 
         checkpoint = stack.enter_context(resolve_source(source)) if source is not None else None
         if checkpoint is not None:
             report.checks.append(check_transfers_exact(manifest, tensors, checkpoint))
+    source_path = checkpoint.path if checkpoint is not None else None  # resolved once (a Hub id costs a request)
     model = _load_converted(output).to(target)
     input_ids = sample_input_ids(output, model.config).to(target)
     report.checks.append(check_logits_finite(model, input_ids))
-    reference = _load_source_model(source).to(target) if source is not None else None
+    reference = _load_source_model(source_path).to(target) if source_path is not None else None
     report.checks.append(check_loss_against_scratch(model, input_ids, seed, reference))
     report.checks.append(check_attention_reproduces_source(model, input_ids, reference))
     report.checks.append(check_incremental_decoding(model, input_ids))
@@ -255,11 +256,9 @@ def _load_converted(folder: Path) -> XatlForCausalLM:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def _load_source_model(source: str | Path) -> torch.nn.Module:
+def _load_source_model(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with resolve_source(source) as checkpoint:
-        path = checkpoint.path
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
 
 
