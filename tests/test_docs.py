@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import EXAMPLE_CHECKPOINT, REPO_ROOT
 from xatl_convert.conversion import convert
 from xatl_convert.mapping import parse_mapping
 from xatl_convert.mapping.schema import TensorRule
@@ -89,3 +89,12 @@ def test_tutorial_yaml_is_a_complete_mapping_file(tutorial_mapping: Path) -> Non
              [rule.transform])]  # fmt: skip
     names = {step if isinstance(step, str) else next(iter(step)) for step in steps}
     assert {"copy", "transpose", "split_heads", "slice"} <= names
+
+
+def test_readme_using_the_output_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's 'Using the output' block, run as written against a fresh conversion of the example."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("<!-- ci:using-the-output -->\n```python\n", 1)[1].split("```", 1)[0]
+    convert(EXAMPLE_CHECKPOINT, tmp_path / "pythia-tiny-mamba")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})

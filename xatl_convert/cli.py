@@ -1,4 +1,9 @@
-"""The `xatl` command line: each command parses its options, calls one library function and prints."""
+"""The `xatl` command line: each command parses its options, calls one library function and prints.
+
+Every failure of every command ends as one line `error: …` on stderr (exit 2 for input the user can fix, 1 for a
+failed check, 130/143 for SIGINT/SIGTERM); the error handling lives in one place, `OneLineErrorGroup`. Torch and
+transformers are imported inside the commands that need them, so `--help`, `sources` and `mappings` start fast.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +12,27 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
-from xatl_convert.conversion import (
-    TARGETS,
-    applicable_mappings,
-    convert,
-    init_overrides,
-    parse_overrides,
-    plan_conversion,
-)
+try:  # typer vendors click since 0.2x; older releases use click itself
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
+
 from xatl_convert.errors import XatlError
-from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
-from xatl_convert.mapping.layers import PRESETS
-from xatl_convert.mapping.scaffold import scaffold_mapping
-from xatl_convert.plan import build_plan
-from xatl_convert.sources import resolve_source
-from xatl_convert.sources.aliases import ALIASES
-from xatl_convert.sources.inventory import build_inventory
-from xatl_convert.tables import dropped_table, inventory_tree, plan_table, verify_table
-from xatl_convert.verify import verify as run_verify
-from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES
-
-app = typer.Typer(
-    help="Convert pretrained Transformer checkpoints into linear-cost-inference models (Mamba, hybrids) by "
-    "cross-architecture transfer, and verify the result.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-mappings_app = typer.Typer(help="List, show and validate mapping files.", no_args_is_help=True)
-app.add_typer(mappings_app, name="mappings")
+from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
+from xatl_convert.mapping.layers import LCI_MIXERS, PRESETS
 
 PIPED_WIDTH = 200  # tables written to a file or CI log are not squeezed to 80 columns
+TRACEBACK_VARIABLE = "XATL_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
 
 
 def _console(stderr: bool = False) -> Console:
@@ -55,7 +42,104 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=width)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def print_error(message: str) -> None:
+    """One `error: …` line on stderr; newlines in the message are folded so that it stays one line."""
+    line = " ".join(str(message).split())
+    _console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True, highlight=False)
+
+
+class OneLineErrorGroup(TyperGroup):
+    """Turns every failure into one `error: …` line: usage errors, typed errors, OS errors, interrupts and bugs."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            with sigterm_as_interrupt():
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()  # `xatl` alone prints the help
+            code = 0
+        except click.ClickException as error:
+            print_error(_usage_message(error))
+            code = error.exit_code
+        except typer.Abort:
+            print_error("interrupted; nothing was written")
+            code = 130
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, typer.Exit, typer.Abort):
+            raise
+        except XatlError as error:
+            print_error(str(error))
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt as interrupt:
+            name = interrupt.signal_name if isinstance(interrupt, Interrupted) else "SIGINT"
+            print_error(f"interrupted ({name}); nothing was written")
+            raise typer.Exit(getattr(interrupt, "exit_code", 130)) from None
+        except OSError as error:  # one the library did not name more precisely
+            where = f"{error.filename}: " if error.filename else ""
+            print_error(f"{where}{error.strerror or error}")
+            raise typer.Exit(2) from None
+        except MemoryError:
+            print_error("out of memory; try a smaller model, a smaller --set value, or a machine with more memory")
+            raise typer.Exit(1) from None
+        except Exception as error:
+            if os.environ.get(TRACEBACK_VARIABLE):
+                raise
+            summary = str(error).splitlines()[0] if str(error) else ""
+            print_error(
+                f"internal error: {type(error).__name__}: {summary} (a bug in xatl; please report it, with the "
+                f"traceback that {TRACEBACK_VARIABLE}=1 shows)"
+            )
+            raise typer.Exit(1) from None
+
+
+def _usage_message(error: click.ClickException) -> str:
+    """`xatl convert: No such option: --bogus (see xatl convert --help)`."""
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return error.format_message()
+    return f"{context.command_path}: {error.format_message()} (see {context.command_path} --help)"
+
+
+class PlainUsageCommand(TyperCommand):
+    """`Usage: xatl convert [OPTIONS] SRC`, without the braces typer puts around required arguments."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = super().collect_usage_pieces(ctx)
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
+
+
+app = typer.Typer(
+    cls=OneLineErrorGroup,
+    help="Convert pretrained Transformer checkpoints into linear-cost-inference models (Mamba, hybrids) by "
+    "cross-architecture transfer, and verify the result.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+mappings_app = typer.Typer(
+    help="List, show, validate and scaffold mapping files; print their JSON schema.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(mappings_app, name="mappings")
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+TARGETS = LCI_MIXERS
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 _PRESET_HELP = "; ".join(f"{name}: {text}" for name, text in PRESETS.items())
 
@@ -66,7 +150,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise typer.BadParameter(f"{text!r}: expected bytes with an optional K/M/G/T suffix, e.g. 2G")
     number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+    size = int(number * 1024 ** "_KMGT".index(unit or "_"))
+    if size <= 0:
+        raise typer.BadParameter(f"{text!r}: a shard must hold at least one byte")
+    return size
 
 
 def _command_line(context: typer.Context) -> str:
@@ -90,94 +177,121 @@ def _command_line(context: typer.Context) -> str:
 
 def _print_warnings(warnings: list[str]) -> None:
     for warning in warnings:
-        _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        line = " ".join(warning.split())
+        _console(stderr=True).print(Text.assemble(("warning:", "yellow"), " ", line), soft_wrap=True, highlight=False)
 
 
-def _fail(error: XatlError) -> typer.Exit:
-    _console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-    return typer.Exit(error.exit_code)
+def _quiet_transformers() -> None:
+    """One table or one line is the output: no loading bars or advice from transformers among it."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
-@app.command("convert")
+@app.command("convert", cls=PlainUsageCommand)
 def convert_command(
     context: typer.Context,
     source: Annotated[
         str,
         typer.Argument(
+            metavar="SRC",
             help="Source checkpoint: a local folder, a Hub id (org/name, org/name@revision) or an alias "
-            "(see `xatl sources`)."
+            "(see `xatl sources`).",
+            show_default=False,
         ),
     ],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (written atomically).")] = None,
-    to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output folder (written atomically).")
+    ] = None,
+    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
     revision: Annotated[
-        str | None, typer.Option(help="Hub revision: branch, tag or commit (same as SRC@revision).")
+        str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit (same as SRC@REV).")
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub).")
+        Path | None,
+        typer.Option(metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub)."),
     ] = None,
     mapping: Annotated[
-        str | None, typer.Option(help="Mapping file or built-in mapping name (default: chosen by model_type).")
+        str | None,
+        typer.Option(
+            metavar="FILE|NAME", help="Mapping file or built-in mapping name (default: chosen by model_type)."
+        ),
     ] = None,
     attn_layers: Annotated[
         str | None,
-        typer.Option(help=f"Layers kept as attention: indices like 1,11 or a preset ({_PRESET_HELP})."),
+        typer.Option(metavar="SPEC", help=f"Layers kept as attention: indices like 1,11 or a preset ({_PRESET_HELP})."),
     ] = None,
     set_values: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a target config value, e.g. mamba.d_state=32 (repeatable)."),
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a target config value, e.g. mamba.d_state=32 (repeatable)."
+        ),
     ] = None,
     init: Annotated[
         str,
         typer.Option(
+            metavar="METHOD",
             help="How new mixers start: default, or attention (Mamba2: V → x, K → B, Q → C, as in "
-            "'The Mamba in the Llama')."
+            "'The Mamba in the Llama').",
         ),
     ] = "default",
     dtype: Annotated[
-        str | None, typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: the source's).")
+        str | None,
+        typer.Option(metavar="DTYPE", help="Output dtype: float32, bfloat16 or float16 (default: the source's)."),
     ] = None,
     max_shard_size: Annotated[
-        str, typer.Option(help="Largest output shard, in bytes with an optional K/M/G suffix.")
+        str, typer.Option(metavar="BYTES", help="Largest output shard, in bytes with an optional K/M/G suffix.")
     ] = "2G",
-    seed: Annotated[int, typer.Option(help="Seed of the new mixers' initialisation (per tensor name).")] = 0,
-    force: Annotated[bool, typer.Option(help="Replace OUT if it exists (only once the new one is complete).")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the transfer plan and write nothing.")] = False,
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed of the new mixers' initialisation (per tensor name).")
+    ] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUT if it exists (only once the new one is complete).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the transfer plan and write nothing.")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="With --dry-run: one row per tensor instead of one per {i} pattern.")
+    ] = False,
 ) -> None:
     """Convert a Transformer checkpoint into an xatl model (Mamba, Mamba2, or a hybrid with attention)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise typer.BadParameter(f"{dtype!r}: expected one of {', '.join(DTYPE_NAMES)}", param_hint="--dtype")
     if out is None and not dry_run:
         raise typer.BadParameter("give --out FOLDER (or --dry-run)", param_hint="--out")
-    shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_BYTES
-    torch_dtype = DTYPES[dtype] if dtype else None
-    try:
-        overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
-        if dry_run:
-            plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, torch_dtype, seed)
-            plan.source.close()
-            _console().print(plan_table(plan))
-            _console().print(dropped_table(plan))
-            _print_warnings(plan.warnings)
-            return
-        plan = convert(
-            source,
-            out,  # type: ignore[arg-type]
-            to=to,
-            revision=revision,
-            cache_dir=cache_dir,
-            mapping=mapping,
-            attn_layers=attn_layers,
-            overrides=overrides,
-            dtype=torch_dtype,
-            seed=seed,
-            force=force,
-            max_shard_bytes=shard_bytes,
-            command_line=_command_line(context),
-            show_progress=sys.stdout.isatty(),
-        )
-    except XatlError as error:
-        raise _fail(error) from None
+    shard_bytes = parse_size(max_shard_size)
+    import torch
+
+    from xatl_convert.conversion import convert, init_overrides, parse_overrides, plan_conversion
+
+    _quiet_transformers()
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
+    if dry_run:
+        from xatl_convert.tables import dropped_table, plan_table
+
+        plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, torch_dtype, seed)
+        plan.source.close()
+        _console().print(plan_table(plan, per_tensor=show_all))
+        _console().print(dropped_table(plan, per_tensor=show_all))
+        _print_warnings(plan.warnings)
+        return
+    plan = convert(
+        source,
+        out,  # type: ignore[arg-type]
+        to=to,
+        revision=revision,
+        cache_dir=cache_dir,
+        mapping=mapping,
+        attn_layers=attn_layers,
+        overrides=overrides,
+        dtype=torch_dtype,
+        seed=seed,
+        force=force,
+        max_shard_bytes=shard_bytes,
+        command_line=_command_line(context),
+        show_progress=sys.stdout.isatty(),
+    )
     _print_warnings(plan.warnings)
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
     _console().print(
@@ -185,56 +299,74 @@ def convert_command(
         f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
         f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}",
         soft_wrap=True,
+        highlight=False,
     )
 
 
-@app.command("verify")
+@app.command("verify", cls=PlainUsageCommand)
 def verify_command(
-    output: Annotated[Path, typer.Argument(help="A folder written by xatl convert.")],
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="A folder written by xatl convert.")],
     source: Annotated[
-        str | None, typer.Option(help="Source checkpoint (default: the path recorded in the manifest).")
+        str | None,
+        typer.Option(metavar="SRC", help="Source checkpoint (default: the path recorded in the manifest)."),
     ] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the from-scratch comparison model.")] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here.")
+    ] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the from-scratch comparison model.")] = 0,
     device: Annotated[
-        str, typer.Option(help="auto, cpu or cuda. On CUDA with mamba-ssm, kernels are checked against the reference.")
+        str,
+        typer.Option(
+            metavar="DEVICE",
+            help="auto, cpu or cuda. On CUDA with mamba-ssm, kernels are checked against the reference.",
+        ),
     ] = "auto",
 ) -> None:
     """Check a converted model: tensors, exact transfers, forward pass, losses, decoding. Exit 1 if a check fails."""
     if not (output / "xatl_manifest.json").is_file():
-        raise _fail(XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?"))
-    from transformers.utils import logging as transformers_logging
+        raise XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?")
+    from xatl_convert.tables import verify_table
+    from xatl_convert.verify import check_report_destination
+    from xatl_convert.verify import verify as run_verify
 
-    transformers_logging.disable_progress_bar()  # one table is the output; no per-model loading bars
-    try:
-        report = run_verify(output, source, seed, device)
-    except XatlError as error:
-        raise _fail(error) from None
+    if json_path is not None:
+        check_report_destination(json_path)  # fail before minutes of checks, not after
+
+    _quiet_transformers()
+    report = run_verify(output, source, seed, device)
     _console().print(verify_table(report))
     if json_path is not None:
         report.write_json(json_path)
-    raise typer.Exit(0 if report.passed else 1)
+    if not report.passed:
+        failed = ", ".join(check.name for check in report.checks if check.status == "fail")
+        print_error(f"{output}: verify failed: {failed}")
+        raise typer.Exit(1)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=PlainUsageCommand)
 def inspect_command(
-    source: Annotated[str, typer.Argument(help="Local folder, Hub id (org/name[@revision]) or alias.")],
-    revision: Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Hugging Face cache folder.")] = None,
+    source: Annotated[str, typer.Argument(metavar="SRC", help="Local folder, Hub id (org/name[@revision]) or alias.")],
+    revision: Annotated[str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Hugging Face cache folder.")] = None,
 ) -> None:
     """Print the tensor inventory as a tree (per layer: shapes and dtypes) and which built-in mappings apply."""
-    try:
-        with resolve_source(source, revision, cache_dir) as checkpoint:
-            inventory = build_inventory(checkpoint)
-            applicable = applicable_mappings(checkpoint)
-    except XatlError as error:
-        raise _fail(error) from None
+    from xatl_convert.conversion import applicable_mappings
+    from xatl_convert.sources import resolve_source
+    from xatl_convert.sources.inventory import build_inventory
+    from xatl_convert.tables import inventory_tree
+
+    _quiet_transformers()
+    with resolve_source(source, revision, cache_dir) as checkpoint:
+        inventory = build_inventory(checkpoint)
+        applicable = applicable_mappings(checkpoint)
     _console().print(inventory_tree(source, inventory, applicable))
 
 
-@app.command("sources")
+@app.command("sources", cls=PlainUsageCommand)
 def sources_command() -> None:
-    """List the source aliases (e.g. pythia-410m → EleutherAI/pythia-410m)."""
+    """List the source aliases, such as pythia-410m for EleutherAI/pythia-410m."""
+    from xatl_convert.sources.aliases import ALIASES
+
     table = Table(title="source aliases (any Hub id org/name[@revision] or local folder works too)")
     table.add_column("alias")
     table.add_column("Hub id")
@@ -243,73 +375,94 @@ def sources_command() -> None:
     _console().print(table)
 
 
-@mappings_app.command("list")
+@mappings_app.command("list", cls=PlainUsageCommand)
 def mappings_list() -> None:
     """List the built-in mappings."""
+    from xatl_convert.mapping import builtin_mappings, load_mapping
+
+    table = Table(title="built-in mappings (xatl mappings show NAME prints one)")
+    for column in ("name", "source model_type", "target", "description"):
+        table.add_column(column, overflow="fold")
     for name, path in builtin_mappings().items():
         mapping = load_mapping(path)
-        kinds = ", ".join(mapping.source.model_types)
-        _console().print(f"[bold]{name}[/]  {kinds} → {mapping.target.mixer}  [dim]{mapping.description}[/]")
+        table.add_row(name, ", ".join(mapping.source.model_types), mapping.target.mixer, mapping.description)
+    _console().print(table)
 
 
-@mappings_app.command("show")
-def mappings_show(name: Annotated[str, typer.Argument(help="Built-in mapping name or a mapping file.")]) -> None:
+@mappings_app.command("show", cls=PlainUsageCommand)
+def mappings_show(
+    name: Annotated[str, typer.Argument(metavar="NAME|FILE", help="Built-in mapping name or a mapping file.")],
+) -> None:
     """Print a mapping's YAML."""
-    try:
-        mapping = load_mapping(name)
-    except XatlError as error:
-        raise _fail(error) from None
+    from rich.syntax import Syntax
+
+    from xatl_convert.mapping import load_mapping
+
+    mapping = load_mapping(name)
     _console().print(Syntax(mapping.text, "yaml", background_color="default"))
 
 
-@mappings_app.command("new")
+@mappings_app.command("new", cls=PlainUsageCommand)
 def mappings_new(
-    source: Annotated[str, typer.Option(help="Checkpoint to scaffold from (folder, Hub id or alias).")],
-    to: Annotated[str, typer.Option(help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
-    out: Annotated[Path | None, typer.Option(help="Write the YAML here instead of to stdout.")] = None,
+    source: Annotated[str, typer.Option(metavar="SRC", help="Checkpoint to scaffold from (folder, Hub id or alias).")],
+    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    out: Annotated[Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout.")] = None,
 ) -> None:
     """Scaffold a mapping from a source's tensor inventory: {i} rules, recognised names filled in, TODOs marked."""
-    try:
-        with resolve_source(source) as checkpoint:
-            text = scaffold_mapping(checkpoint, to)
-    except XatlError as error:
-        raise _fail(error) from None
+    from xatl_convert.mapping.scaffold import scaffold_mapping
+    from xatl_convert.sources import resolve_source
+
+    _quiet_transformers()
+    with resolve_source(source) as checkpoint:
+        text = scaffold_mapping(checkpoint, to)
     if out is None:
         sys.stdout.write(text)
-    else:
+        return
+    if out.exists():
+        raise XatlError(f"{out}: already exists; choose another --out, or omit it to print to stdout")
+    try:
         out.write_text(text)
-        _console(stderr=True).print(
-            f"wrote {out}; fill in the TODOs, then: xatl mappings validate {out} --source {source}"
-        )
+    except OSError as error:
+        raise XatlError(f"{out}: cannot write: {error.strerror or error}") from None
+    _console(stderr=True).print(
+        f"wrote {out}; fill in the TODOs, then: xatl mappings validate {out} --source {source}", highlight=False
+    )
 
 
-@mappings_app.command("schema")
+@mappings_app.command("schema", cls=PlainUsageCommand)
 def mappings_schema() -> None:
     """Print the JSON Schema of the mapping format (for editor completion and validation)."""
+    from xatl_convert.mapping import Mapping
+
     sys.stdout.write(json.dumps(Mapping.model_json_schema(), indent=2) + "\n")
 
 
-@mappings_app.command("validate")
+@mappings_app.command("validate", cls=PlainUsageCommand)
 def mappings_validate(
-    file: Annotated[str, typer.Argument(help="Mapping file (or built-in name) to check.")],
+    file: Annotated[str, typer.Argument(metavar="FILE|NAME", help="Mapping file (or built-in name) to check.")],
     source: Annotated[
-        str | None, typer.Option(help="Also check full coverage and every shape against this checkpoint.")
+        str | None,
+        typer.Option(metavar="SRC", help="Also check full coverage and every shape against this checkpoint."),
     ] = None,
-    attn_layers: Annotated[str | None, typer.Option(help="Attention layers, as for convert.")] = None,
+    attn_layers: Annotated[str | None, typer.Option(metavar="SPEC", help="Attention layers, as for convert.")] = None,
 ) -> None:
     """Check a mapping's schema, and with --source its coverage and shapes. Writes nothing."""
-    try:
-        mapping = load_mapping(file)
-        if source is None:
-            _console().print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)")
-            return
-        with resolve_source(source) as checkpoint:
-            plan = build_plan(checkpoint, mapping, attn_layers)
-    except XatlError as error:
-        raise _fail(error) from None
+    from xatl_convert.mapping import load_mapping
+
+    mapping = load_mapping(file)
+    if source is None:
+        _console().print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)", highlight=False)
+        return
+    from xatl_convert.plan import build_plan
+    from xatl_convert.sources import resolve_source
+
+    _quiet_transformers()
+    with resolve_source(source) as checkpoint:
+        plan = build_plan(checkpoint, mapping, attn_layers)
     _console().print(
         f"[green]ok[/] {file} covers {source}: {len(plan.by_status('transferred'))} transferred, "
-        f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped"
+        f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped",
+        highlight=False,
     )
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
-from xatl_convert.mapping.schema import LCI_MIXERS
+from xatl_convert.mapping.layers import LCI_MIXERS
+from xatl_convert.output_folder import ensure_writable
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
-from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, ensure_writable, write_output
+from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, write_output
 
 TARGETS = LCI_MIXERS
 
@@ -67,13 +67,23 @@ def init_overrides(init: str) -> dict[str, Any]:
 
 
 def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
-    """`--set key.sub=value` pairs; values are read as YAML scalars (32, 1e-3, true, auto)."""
+    """`--set key.sub=value` pairs; values are read as YAML scalars (32, 1e-3, true, auto).
+
+    Only the form is checked here; whether a key exists and its value fits is the plan's to say (build_plan).
+    """
+    # read_yaml, not yaml.safe_load: it refuses alias bombs and reads 1e-3 as a number (YAML 1.2)
+    from xatl_convert.mapping.loader import YamlInputError, read_yaml
+
     overrides: dict[str, Any] = {}
     for assignment in assignments:
         key, separator, value = assignment.partition("=")
-        if not separator or not key.strip():
-            raise PlanError(f"--set {assignment!r}: expected KEY=VALUE, e.g. mamba.d_state=32")
-        overrides[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not separator or not all(part.isidentifier() for part in key.split(".")):
+            raise PlanError(f"--set {assignment!r}: expected KEY=VALUE with a dotted KEY, e.g. mamba.d_state=32")
+        try:
+            overrides[key] = read_yaml(value)[0]
+        except YamlInputError as error:
+            raise PlanError(f"--set {key}: the value is not one YAML value ({error}); quote a string") from None
     return overrides
 
 

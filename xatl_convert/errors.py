@@ -30,3 +30,23 @@ class PlanError(XatlError):
 
 class OutputExistsError(XatlError):
     """The output folder exists and --force was not given."""
+
+
+class UnsafeOutputError(XatlError):
+    """OUT is, contains or lies inside something the conversion must not touch (the source, the current folder)."""
+
+
+class OutputWriteError(XatlError):
+    """The output cannot be written: no space, no permission, a file where a folder should be."""
+
+
+class OutputError(XatlError):
+    """A converted folder cannot be checked: its config, weights or tokenizer are missing, damaged or inconsistent."""
+
+
+class ManifestError(OutputError):
+    """xatl_manifest.json is unreadable, not JSON, or lacks or mistypes what verify and training rely on."""
+
+
+class ReportError(XatlError):
+    """The verify report cannot be written where --json asks."""

@@ -7,6 +7,7 @@ by a rule or initialised. Anything else is a PlanError naming the tensors, befor
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections import Counter
@@ -15,17 +16,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 
-from xatl_convert.errors import MappingError, PlanError, UnsupportedModelError
+from xatl_convert.errors import MappingError, PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping.expressions import ExpressionError
 from xatl_convert.mapping.layers import attention_layer_indices, layer_types
-from xatl_convert.mapping.schema import LAYER_PATTERN, InitRule, Mapping, TensorRule
+from xatl_convert.mapping.loader import describe_bound_error, locate
+from xatl_convert.mapping.schema import (
+    CONFIG_KEYS,
+    LAYER_PATTERN,
+    InitRule,
+    Mamba2Settings,
+    MambaSettings,
+    Mapping,
+    TargetConfig,
+    TensorRule,
+)
 from xatl_convert.models import XatlConfig, XatlForCausalLM
+from xatl_convert.models.configuration_xatl import XatlConfigError, check_config_values
 from xatl_convert.models.parts import mixer_parts
 from xatl_convert.sources.checkpoint import SourceCheckpoint
 from xatl_convert.transforms import TransformChain, TransformShapeError, parse_transform
 
 Status = Literal["transferred", "initialised"]
+MIXER_SETTINGS = {"mamba": MambaSettings, "mamba2": Mamba2Settings}  # the config keys that group settings
 
 
 @dataclass(frozen=True)
@@ -107,29 +121,14 @@ def build_plan(
             f"{source.reference}: model_type {source.model_type!r} does not match mapping {mapping.name!r} "
             f"(which converts {', '.join(mapping.source.model_types)})"
         )
+    for key, value in (overrides or {}).items():
+        _check_override(key, value, mapping)
     source_config = normalised_source_config(source)
-    try:
-        bound = mapping.bind(source_config)
-    except ExpressionError as error:
-        raise MappingError(f"{mapping.file}: {error}") from None
+    bound = _bind(mapping, source_config)
     config_values = _merge_overrides(bound.target.config, overrides or {})
-    option_overrides = config_values.pop("options", {})
-    unknown = sorted(set(option_overrides) - set(bound.options))
-    if unknown:
-        known = ", ".join(bound.options) or "none"
-        raise PlanError(f"mapping {bound.name!r} has no option {unknown[0]!r} (its options: {known})")
-    options = {**bound.options, **option_overrides}
+    options = {**bound.options, **config_values.pop("options", {})}
     bound = bound.model_copy(update={"options": options})
-    num_layers = int(config_values.get("num_hidden_layers", 0))
-    spec = attention_layers if attention_layers is not None else bound.target.attention_layers
-    try:
-        kept = attention_layer_indices(spec, num_layers)
-    except ValueError as error:
-        raise PlanError(f"--attn-layers: {error}") from None
-    try:
-        target_config = XatlConfig(**config_values, layer_types=layer_types(kept, num_layers, bound.target.mixer))
-    except (TypeError, ValueError) as error:
-        raise PlanError(f"{mapping.file}: target config is invalid: {error}") from None
+    target_config, kept = _target_config(bound, config_values, attention_layers, overrides or {})
     target_shapes = target_tensor_shapes(target_config)
     output_dtype = dtype or dominant_dtype(source)
     planner = _Planner(source, bound, target_config, target_shapes, output_dtype)
@@ -146,6 +145,118 @@ def build_plan(
         overrides=dict(overrides or {}),
         warnings=_semantic_warnings(source_config, target_config, kept),
     )
+
+
+def _bind(mapping: Mapping, source_config: dict[str, Any]) -> Mapping:
+    """The mapping with every `${...}` evaluated; an error names the FILE:LINE:COL of the expression."""
+    try:
+        return mapping.bind(source_config)
+    except ExpressionError as error:
+        raise MappingError(f"{locate(mapping, error.path)}: {error}") from None
+    except ValidationError as error:  # an expression gave a value of the wrong kind (e.g. a float layer index)
+        raise MappingError(describe_bound_error(mapping, error)) from None
+
+
+def _check_override(key: str, value: Any, mapping: Mapping) -> None:
+    """A `--set` key must be declared: an unknown one would be written to config.json and do nothing."""
+    group, _, name = key.partition(".")
+    if group == "options":
+        _check_option(key, name, value, mapping)
+    elif group == "layer_types":
+        raise PlanError(f"--set {key}: layer kinds come from --to and --attn-layers, not from --set")
+    elif group not in CONFIG_KEYS:
+        hint = _nearest(group, CONFIG_KEYS) or " (docs/mappings.md and `xatl mappings schema` list the keys)"
+        raise PlanError(f"--set {key}: unknown target config key {group!r}{hint}")
+    elif name and group in MIXER_SETTINGS:
+        _check_mixer_setting(key, group, name)
+    elif name and (group not in ("rope_parameters", "rope_scaling") or "." in name):
+        raise PlanError(f"--set {key}: {group} is one value, not a group; use --set {group}=VALUE")
+
+
+def _check_mixer_setting(key: str, group: str, name: str) -> None:
+    known = list(MIXER_SETTINGS[group].model_fields)
+    setting, _, deeper = name.partition(".")
+    if setting not in known:
+        near = difflib.get_close_matches(setting, known, n=1)
+        hint = f"; did you mean '{group}.{near[0]}'?" if near else f" (known: {', '.join(known)})"
+        raise PlanError(f"--set {key}: unknown {group} setting {setting!r}{hint}")
+    if deeper:
+        raise PlanError(f"--set {key}: {group}.{setting} is one value, not a group; use --set {group}.{setting}=VALUE")
+
+
+def _check_option(key: str, name: str, value: Any, mapping: Mapping) -> None:
+    """Options switch rules on and off: they exist in the mapping and are true or false, never 'maybe'."""
+    known = list(mapping.options)
+    if not name or "." in name:
+        raise PlanError(f"--set {key}: expected options.NAME=true|false (options of {mapping.name!r}: "
+                        f"{', '.join(known) or 'none'})")  # fmt: skip
+    if name not in known:
+        hint = _nearest(name, known) or f" (its options: {', '.join(known) or 'none'})"
+        raise PlanError(f"--set {key}: mapping {mapping.name!r} has no option {name!r}{hint}")
+    if not isinstance(value, bool):
+        raise PlanError(f"--set {key}={_typed(value)}: expected true or false")
+
+
+def _nearest(name: str, known: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _typed(value: Any) -> str:
+    """A `--set` value as the user typed it (a string as is, the rest as YAML/JSON would write it)."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _target_config(
+    mapping: Mapping, values: dict[str, Any], attention_layers: str | Sequence[int] | None, overrides: dict[str, Any]
+) -> tuple[XatlConfig, list[int]]:
+    """The target config and the attention layers; a bad value names the `--set` or the mapping line that gave it."""
+    try:
+        check_config_values(values)  # in the mapping's key order, before any value is used
+        num_layers = values.get("num_hidden_layers", TargetConfig.model_fields["num_hidden_layers"].default)
+        kept = _kept_layers(mapping, attention_layers, num_layers)
+        return XatlConfig(**values, layer_types=layer_types(kept, num_layers, mapping.target.mixer)), kept
+    except XatlConfigError as error:
+        raise _config_error(error, mapping, overrides) from None
+    except (TypeError, ValueError) as error:  # transformers' own validation
+        raise PlanError(f"{mapping.file}: target config is invalid: {error}") from None
+
+
+def _kept_layers(mapping: Mapping, attention_layers: str | Sequence[int] | None, num_layers: int) -> list[int]:
+    spec = attention_layers if attention_layers is not None else mapping.target.attention_layers
+    try:
+        return attention_layer_indices(spec, num_layers)
+    except ValueError as error:
+        if attention_layers is not None:
+            raise PlanError(f"--attn-layers: {error}") from None
+        where = locate(mapping, ("target", "attention_layers"))
+        raise MappingError(f"{where}: target.attention_layers: {error}") from None
+
+
+def _config_error(error: XatlConfigError, mapping: Mapping, overrides: dict[str, Any]) -> XatlError:
+    """Blame the `--set` that gave one of the keys at fault, else the mapping line that wrote it."""
+    for key in error.keys:
+        given = next((prefix for prefix in _prefixes(key) if prefix in overrides), None)
+        if given is not None:
+            return PlanError(f"--set {given}={_typed(overrides[given])}: {error}")
+    written = [key for key in error.keys if _has_key(mapping.target.config, key)]
+    path = ("target", "config", *written[0].split(".")) if written else ("target", "config")
+    return MappingError(f"{locate(mapping, path)}: {error}")
+
+
+def _prefixes(key: str) -> list[str]:
+    """mamba.d_conv → [mamba.d_conv, mamba]: `--set mamba={...}` gives mamba.d_conv too."""
+    parts = key.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+
+
+def _has_key(config: dict[str, Any], key: str) -> bool:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _semantic_warnings(source_config: dict[str, Any], target: XatlConfig, kept: list[int]) -> list[str]:

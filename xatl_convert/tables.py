@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from rich.table import Table
 from rich.tree import Tree
 
@@ -12,48 +15,103 @@ from xatl_convert.verify.report import VerifyReport
 _STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
 
 
-def plan_table(plan: ConversionPlan) -> Table:
-    """One row per target tensor: sources, transform, shape, dtype, bytes, transferred or initialised."""
-    table = Table(title=f"{plan.source.reference} → xatl ({plan.mapping.name})", show_footer=True)
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def plan_table(plan: ConversionPlan, per_tensor: bool = False) -> Table:
+    """The transfer plan: one row per `{i}` pattern (the layers it covers named), or one per tensor."""
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
-    table.add_column("target tensor", footer=f"{len(plan.tensors)} tensors", overflow="fold")
-    table.add_column("source tensors", overflow="fold")
-    table.add_column("transform / init")
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("bytes", justify="right", footer=f"{plan.total_bytes():,}")
-    table.add_column(
-        "status",
-        footer=f"{len(transferred)} transferred ({plan.total_bytes('transferred'):,} B), "
-        f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} B)",
+    table = Table(
+        title=f"{plan.source.reference} → xatl ({plan.mapping.name})",
+        caption=f"{len(plan.tensors)} tensors, {plan.total_bytes():,} bytes: {len(transferred)} transferred "
+        f"({plan.total_bytes('transferred'):,} B), {len(initialised)} initialised "
+        f"({plan.total_bytes('initialised'):,} B)",
     )
+    table.add_column("target tensor", overflow="fold", ratio=3)
+    if not per_tensor:
+        table.add_column("layers", no_wrap=True)
+    table.add_column("source tensors", overflow="fold", ratio=3)
+    table.add_column("transform / init", overflow="fold", ratio=2)
+    for column in ("shape", "dtype"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    rows: dict[tuple[str, ...], _FoldedRow] = {}
     for tensor in plan.tensors:
+        layer, name = _fold(tensor.name, per_tensor)
         how = tensor.transform.describe() if tensor.transform else f"init: {tensor.strategy}"
-        sources = list(tensor.sources)
+        sources = [_fold(source, per_tensor, layer)[1] for source in tensor.sources]
         for part in tensor.parts:
             how += f"\n{part.part} ← {part.transform.describe()}"
-            sources += [f"{name} → {part.part}" for name in part.sources]
-        status = "[green]transferred[/]" if tensor.status == "transferred" else "[yellow]initialised[/]"
-        table.add_row(
-            tensor.name,
-            "\n".join(sources),
-            how,
-            "×".join(map(str, tensor.shape)),
-            str(tensor.dtype).removeprefix("torch."),
-            f"{tensor.nbytes:,}",
-            status,
-        )
+            sources += [f"{_fold(source, per_tensor, layer)[1]} → {part.part}" for source in part.sources]
+        shape, dtype = "×".join(map(str, tensor.shape)), str(tensor.dtype).removeprefix("torch.")
+        key = (name, "\n".join(sources), how, shape, dtype, tensor.status)
+        row = rows.setdefault(key, _FoldedRow())
+        row.layers.append(layer)
+        row.nbytes += tensor.nbytes
+    for (name, sources, how, shape, dtype, status), row in rows.items():
+        style = "[green]transferred[/]" if status == "transferred" else "[yellow]initialised[/]"
+        layers = [] if per_tensor else [_layer_ranges(row.layers)]
+        table.add_row(name, *layers, sources, how, shape, dtype, f"{row.nbytes:,}", style)
     return table
 
 
-def dropped_table(plan: ConversionPlan) -> Table:
-    """Source tensors left out of the output, with the reason for each."""
+def dropped_table(plan: ConversionPlan, per_tensor: bool = False) -> Table:
+    """Source tensors left out of the output, with the reason for each (folded per `{i}` pattern)."""
     table = Table(title=f"{len(plan.dropped)} source tensors dropped")
-    table.add_column("source tensor")
-    table.add_column("reason")
+    table.add_column("source tensor", overflow="fold")
+    if not per_tensor:
+        table.add_column("layers", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    mapping_file = plan.mapping.file
+    rows: dict[tuple[str, str], list[int | None]] = {}
     for name, reason in plan.dropped.items():
-        table.add_row(name, reason)
+        layer, folded = _fold(name, per_tensor)
+        short_reason = reason.replace(mapping_file, Path(mapping_file).name) if mapping_file else reason
+        rows.setdefault((folded, _fold(short_reason, per_tensor, layer)[1]), []).append(layer)
+    for (name, reason), layers in rows.items():
+        table.add_row(name, *([] if per_tensor else [_layer_ranges(layers)]), reason)
     return table
+
+
+class _FoldedRow:
+    """The layers one folded row covers, and their bytes together."""
+
+    def __init__(self) -> None:
+        self.layers: list[int | None] = []
+        self.nbytes = 0
+
+
+def _fold(name: str, per_tensor: bool, layer: int | None = None) -> tuple[int | None, str]:
+    """`model.layers.7.mlp.fc1.weight` → (7, `model.layers.{i}.mlp.fc1.weight`); unchanged when not folding.
+
+    With `layer` given, only that index is folded (a source of layer 7 that reads layer 7), so cross-layer
+    sources stay visible.
+    """
+    if per_tensor:
+        return None, name
+
+    def replace(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return ".layers.{i}." if layer is None or index == layer else match.group(0)
+
+    match = _LAYER_INDEX.search(name)
+    found = int(match.group(1)) if match and layer is None else layer
+    return found, _LAYER_INDEX.sub(replace, name)
+
+
+def _layer_ranges(layers: list[int | None]) -> str:
+    """[0, 1, 2, 5, 7, 8] → '0–2, 5, 7–8'; '' for tensors outside the layers."""
+    indices = sorted({layer for layer in layers if layer is not None})
+    if not indices:
+        return ""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(start) if start == stop else f"{start}–{stop}" for start, stop in spans)
 
 
 def verify_table(report: VerifyReport) -> Table:

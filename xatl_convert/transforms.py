@@ -10,10 +10,12 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:  # torch is imported where a transform is applied: mapping commands run without it
+    import torch
 
 Shape = tuple[int, ...]
 
@@ -128,6 +130,8 @@ class Concat(Transform):
         return (*first[:dim], total, *first[dim + 1 :])
 
     def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return torch.cat(list(tensors), dim=self.dim)
 
 
@@ -204,6 +208,8 @@ class Cast(Transform):
         return shapes[0]
 
     def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
         return tensors[0].to(getattr(torch, self.dtype))
 
 

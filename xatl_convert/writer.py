@@ -13,9 +13,8 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
-import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,16 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from xatl_convert.errors import OutputExistsError
+from xatl_convert.errors import OutputWriteError, PlanError, SourceError
+from xatl_convert.interrupts import sigterm_as_interrupt
 from xatl_convert.manifest import MANIFEST_NAME, build_manifest
 from xatl_convert.model_card import render_model_card
 from xatl_convert.models import XatlForCausalLM, init_xatl_weights
+from xatl_convert.output_folder import refuse_unsafe_output, staged_output
 from xatl_convert.plan import ConversionPlan, PlannedTensor
 
 SINGLE_SHARD_NAME = "model.safetensors"
@@ -84,38 +86,106 @@ def write_output(
     command_line: str | None = None,
     show_progress: bool = False,
 ) -> Path:
-    """Write the converted model folder atomically; returns its path."""
+    """Write the converted model folder atomically; returns its path.
+
+    Refuses an OUT that would replace or land inside the source or the mapping file, and turns every failure to
+    write (a full disk, no permission) into an OutputWriteError after removing what was staged.
+    """
     out = Path(out)
-    ensure_writable(out, force)
-    with _atomic_folder(out) as staging:
-        shards = plan_shards(plan, max_shard_bytes)
-        producer = TensorProducer(plan)
-        with _progress(plan, show_progress) as advance:
-            for shard in shards:
-                tensors = {}
-                for planned in shard.tensors:
-                    tensors[planned.name] = producer.produce(planned)
-                    advance(planned.nbytes)
-                save_file(tensors, staging / shard.file, metadata={"format": "pt"})
-                del tensors
-        if len(shards) > 1:
-            _write_json(staging / SHARD_INDEX_NAME, _shard_index(shards))
-        manifest = build_manifest(plan, command_line)
-        _write_config(plan, staging)
-        for file in plan.source.tokenizer_files():
-            shutil.copy2(file, staging / file.name)
-        models_dir = Path(__file__).parent / "models"
-        for name in MODELING_FILES:
-            shutil.copy2(models_dir / name, staging / name)
-        _write_json(staging / MANIFEST_NAME, manifest)
-        (staging / "README.md").write_text(render_model_card(plan, manifest))
+    refuse_unsafe_output(out, protected_paths(plan))
+    with sigterm_as_interrupt(), staged_output(out, force, plan.total_bytes()) as staging:
+        try:
+            _write_folder(plan, staging, max_shard_bytes, command_line, show_progress)
+        except (OSError, SafetensorError) as error:
+            raise OutputWriteError(f"{out}: cannot write {_failed_file(error, staging)}; nothing was written") from None
     return out
 
 
-def ensure_writable(out: Path, force: bool) -> None:
-    """Refuse to replace an existing folder unless forced; checked before planning and again before writing."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+def protected_paths(plan: ConversionPlan) -> dict[Path, str]:
+    """What an output folder must never replace, hold or sit inside: the source and a user's mapping file."""
+    protected = {plan.source.storage_root: "the source checkpoint"}
+    mapping_file = Path(plan.mapping.file)
+    if mapping_file.is_file():
+        protected[mapping_file] = "the mapping file"
+    return protected
+
+
+def _write_folder(
+    plan: ConversionPlan, staging: Path, max_shard_bytes: int, command_line: str | None, show_progress: bool
+) -> None:
+    shards = plan_shards(plan, max_shard_bytes)
+    producer = TensorProducer(plan)
+    with _progress(plan, show_progress) as advance:
+        for shard in shards:
+            tensors = {}
+            for planned in shard.tensors:
+                tensors[planned.name] = producer.produce(planned)
+                advance(planned.nbytes)
+            _save_shard(tensors, staging / shard.file)
+            del tensors
+    if len(shards) > 1:
+        _write_json(staging / SHARD_INDEX_NAME, _shard_index(shards))
+    manifest = build_manifest(plan, command_line)
+    _write_config(plan, staging)
+    for file in plan.source.tokenizer_files():
+        shutil.copyfile(file, staging / file.name)
+    _name_tokenizer_class(staging)
+    models_dir = Path(__file__).parent / "models"
+    for name in MODELING_FILES:
+        shutil.copyfile(models_dir / name, staging / name)
+    _write_json(staging / MANIFEST_NAME, manifest)
+    (staging / "README.md").write_text(render_model_card(plan, manifest))
+
+
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with its I/O failures as OSErrors that name the shard (safetensors reports only the OS text)."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:
+        code = _OS_ERROR_CODE.search(str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    _make_readable_like_other_files(path)
+
+
+def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
+    """'model.safetensors: No space left on device', naming the file inside OUT where the OS names one."""
+    reason = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0]
+    filename = getattr(error, "filename", None)
+    if filename:
+        with contextlib.suppress(ValueError):
+            return f"{Path(filename).relative_to(staging)}: {reason}"
+    return reason
+
+
+def _make_readable_like_other_files(path: Path) -> None:
+    """safetensors writes weights with mode 600; give them the mode every other output file gets (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _name_tokenizer_class(folder: Path) -> None:
+    """Let AutoTokenizer load the output without remote code: name the tokenizer class where the source did not.
+
+    Without `tokenizer_class`, transformers looks the class up by config.json's model_type, finds no tokenizer for
+    `xatl`, and asks about remote code. A source whose tokenizer_config names its class is left as it is.
+    """
+    config_path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file():
+        return
+    try:
+        tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # the source's own file, copied as it is; transformers will say what is wrong with it
+    if not isinstance(tokenizer_config, dict) or tokenizer_config.get("tokenizer_class"):
+        return
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _write_json(config_path, tokenizer_config)
 
 
 class TensorProducer:
@@ -143,7 +213,28 @@ class TensorProducer:
                 start, stop = part.rows
                 tensor[start:stop] = part.transform.apply([self.plan.source.read(name) for name in part.sources])
         # Source reads are fresh buffers; contiguous() copies only where a transform left a strided view.
-        return tensor.to(planned.dtype).contiguous()
+        result = tensor.to(planned.dtype).contiguous()
+        if planned.status == "transferred" or planned.parts:
+            self._require_finite(planned, result)
+        return result
+
+    def _require_finite(self, planned: PlannedTensor, result: torch.Tensor) -> None:
+        """A NaN or Inf in a transferred weight breaks every forward pass: name the source tensor, or the cast."""
+        if not result.is_floating_point() or _all_finite(result):
+            return
+        names = list(planned.sources) + [name for part in planned.parts for name in part.sources]
+        for name in names:
+            source = self.plan.source.read(name)
+            if source.is_floating_point() and not _all_finite(source):
+                info = self.plan.source.tensors[name]
+                raise SourceError(
+                    f"{self.plan.source.path / info.file}: tensor {name!r} holds NaN or Inf values; "
+                    "the checkpoint is damaged (re-download or re-save it)"
+                )
+        raise PlanError(
+            f"{planned.name}: its values overflow {str(planned.dtype).removeprefix('torch.')} (from "
+            f"{', '.join(names)}); choose a wider --dtype, e.g. bfloat16 or float32"
+        )
 
     def _initialised(self, planned: PlannedTensor) -> torch.Tensor:
         unit = planned.init_unit
@@ -157,6 +248,12 @@ class TensorProducer:
             with torch.device("meta"):
                 self._skeleton = XatlForCausalLM(self.plan.target_config)
         return self._skeleton
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """isfinite over slices of the flattened tensor, so a 1 GB embedding does not cost another 250 MB of flags."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start : start + chunk]).all()) for start in range(0, flat.numel(), chunk))
 
 
 def initialise_module(skeleton: nn.Module, unit: str, seed: int) -> dict[str, torch.Tensor]:
@@ -193,46 +290,6 @@ def _shard_index(shards: list[Shard]) -> dict[str, Any]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a staging folder beside `out`; move it into place only if the block completes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.xatl-partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        with _sigterm_as_interrupt():
-            yield staging
-            if out.exists():
-                retired = out.parent / f".{out.name}.xatl-replaced-{os.getpid()}"
-                out.rename(retired)
-                staging.rename(out)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while writing, so that the cleanup in _atomic_folder runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+LCI_MIXERS: tuple[str, ...] = ("mamba", "mamba2")  # the mixers a converted layer can get
+
 PRESETS = {
     "none": "no attention layers (pure LCI model)",
     "all": "every layer kept as attention (reproduces the source exactly)",

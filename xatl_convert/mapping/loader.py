@@ -1,12 +1,14 @@
-"""Load a mapping file: YAML through `yaml.safe_load`, then the pydantic schema.
+"""Load a mapping file: YAML through PyYAML's safe loader, then the pydantic schema.
 
 YAML and schema errors name file:line:column and suggest the nearest valid key. The YAML node tree is kept only
-to find those positions and the line of each rule.
+to find those positions and the line of each rule. Before anything is built from it, the tree is bounded: no
+duplicate keys, no alias cycles, no alias "bombs" that expand to billions of values, no absurd nesting.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,136 @@ BUILTIN_DIR_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "builtin_mappings",  # installed wheel
     Path(__file__).resolve().parents[2] / "mappings",  # source checkout / editable install
 )
+
+
+MAX_MAPPING_BYTES = 4 * 1024 * 1024  # the built-in mappings are a few KB
+MAX_YAML_NODES = 100_000  # values in a document with every alias expanded; a mapping has a few thousand
+MAX_YAML_DEPTH = 64  # nesting; a mapping needs about 8
+
+
+class YamlInputError(ValueError):
+    """YAML that does not parse, or parses into what no mapping needs; `line`/`column` (1-based) say where."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None = None, line: int | None = None) -> None:
+        super().__init__(problem)
+        self.line = mark.line + 1 if mark is not None else line
+        self.column = mark.column + 1 if mark is not None else None
+
+    def where(self, file: str) -> str:
+        if self.line is None:
+            return file
+        return f"{file}:{self.line}:{self.column}" if self.column is not None else f"{file}:{self.line}"
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading `1e-3` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse one YAML document into (data, node tree), refusing what would hang, recurse or silently lose a key."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        if root is None:
+            return None, None
+        _check_tree(root)
+        return _construct(root), root
+    except yaml.YAMLError as error:
+        raise _invalid_yaml(error, text) from None
+    except RecursionError:  # PyYAML's composer recurses once per level; _check_tree then bounds the depth
+        raise YamlInputError(
+            f"invalid YAML: nested far deeper than a mapping needs ({MAX_YAML_DEPTH} levels)"
+        ) from None
+
+
+def _construct(root: yaml.Node) -> Any:
+    loader = _Loader("")
+    try:
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _invalid_yaml(error: yaml.YAMLError, text: str) -> YamlInputError:
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        return YamlInputError(f"invalid YAML: {error.problem or error.context}", mark)
+    if isinstance(error, yaml.reader.ReaderError):  # a control character; it carries an offset, not a mark
+        line = text[: error.position].count("\n") + 1
+        return YamlInputError(f"invalid YAML: {error.reason} (character #x{error.character:x})", line=line)
+    return YamlInputError(f"invalid YAML: {error}")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_tree(root: yaml.Node) -> None:
+    """Walk the node graph once (aliases share nodes; sizes are memoised per node) without recursion.
+
+    Counts the values the document expands to, so that a "billion laughs" document is refused in milliseconds,
+    and finds alias cycles (`a: &x [*x]`), which would otherwise recurse without end later.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values when expanded, nesting depth)
+    open_nodes: set[int] = set()  # the chain being walked: meeting one of them again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = _measure(node, sizes)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise YamlInputError(
+                "this value contains an alias (*name) of itself, so it would be infinite", node.start_mark
+            )
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicate_keys(node)
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _measure(node: yaml.Node, sizes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    measured = [sizes[id(child)] for child in _children(node)]
+    size = 1 + sum(count for count, _ in measured)
+    depth = 1 + max((depth for _, depth in measured), default=0)
+    if size > MAX_YAML_NODES:
+        raise YamlInputError(
+            f"this value expands to more than {MAX_YAML_NODES:,} YAML values through aliases (*name); "
+            "a mapping needs a few thousand at most",
+            node.start_mark,
+        )
+    if depth > MAX_YAML_DEPTH:
+        raise YamlInputError(f"nested more than {MAX_YAML_DEPTH} levels deep; a mapping needs about 8", node.start_mark)
+    return size, depth
+
+
+def _check_duplicate_keys(node: yaml.MappingNode) -> None:
+    """PyYAML keeps the last of two equal keys; in a mapping that silently drops a setting or a rule."""
+    first: dict[tuple[str, str], yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        identity = (key_node.tag, key_node.value)
+        if identity in first:
+            raise YamlInputError(
+                f"duplicate key {key_node.value!r} (first at line {first[identity].line + 1}); keep one",
+                key_node.start_mark,
+            )
+        first[identity] = key_node.start_mark
 
 
 def builtin_mapping_dir() -> Path:
@@ -46,18 +178,34 @@ def load_mapping(reference: str | Path) -> Mapping:
             near = difflib.get_close_matches(str(reference), known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f" (built-in: {', '.join(known)})"
             raise MappingError(f"{reference}: no such mapping file or built-in mapping{hint}")
-    return parse_mapping(path.read_text(), str(path))
+    return parse_mapping(_read_text(path), str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a MappingError that says why not."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_MAPPING_BYTES:
+            raise MappingError(f"{path}: {size:,} bytes is too large for a mapping file (at most "
+                               f"{MAX_MAPPING_BYTES:,}); is it the right file?")  # fmt: skip
+        data = path.read_bytes()
+    except OSError as error:
+        raise MappingError(f"{path}: cannot read the mapping file: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise MappingError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); save the mapping as UTF-8"
+        ) from None
 
 
 def parse_mapping(text: str, file: str = "<mapping>") -> Mapping:
     """Parse mapping YAML text; `file` names it in error messages."""
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
-        raise MappingError(f"{where}: invalid YAML: {error.problem or error.context}") from None
+        data, root = read_yaml(text)
+    except YamlInputError as error:
+        raise MappingError(f"{error.where(file)}: {error}") from None
     if not isinstance(data, dict):
         raise MappingError(f"{file}:1:1: a mapping file is a YAML mapping with keys name, source, target, rules")
     try:
@@ -72,11 +220,33 @@ def parse_mapping(text: str, file: str = "<mapping>") -> Mapping:
     return mapping
 
 
+def locate(mapping: Mapping, path: tuple[Any, ...]) -> str:
+    """FILE:LINE:COL of a key in a loaded mapping (or of its nearest enclosing value), for errors found once bound."""
+    node = _node_at(_tree_of(mapping), path)
+    return _position(node, mapping.file)
+
+
+def describe_bound_error(mapping: Mapping, error: ValidationError) -> str:
+    """A schema error found after `${...}` was evaluated, named by FILE:LINE:COL like one found on loading."""
+    return _describe_validation_error(error, _tree_of(mapping), mapping.file)
+
+
+def _tree_of(mapping: Mapping) -> yaml.Node | None:
+    try:
+        return read_yaml(mapping.text)[1]
+    except YamlInputError:  # text set by hand that does not parse: no positions to give
+        return None
+
+
+def _position(node: yaml.Node | None, file: str) -> str:
+    return f"{file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else file
+
+
 def _describe_validation_error(error: ValidationError, root: yaml.Node | None, file: str) -> str:
-    problem = sorted(error.errors(), key=lambda item: item["type"] != "extra_forbidden")[0]
+    # an unknown key first; else the deepest error, which for a union is the member the value was meant to be
+    problem = min(error.errors(), key=lambda item: (item["type"] != "extra_forbidden", -len(item["loc"])))
     location = tuple(part for part in problem["loc"] if not _is_union_tag(part))
-    node = _node_at(root, location)
-    position = f"{file}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else file
+    position = _position(_node_at(root, location), file)
     path = ".".join(str(part) for part in location) or "(top level)"
     if problem["type"] == "extra_forbidden":
         allowed = _allowed_keys(location[:-1])
@@ -121,7 +291,9 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(str(part))
         if field is None:
             return []
-        inner = _model_in(field.annotation)
+        # a dict checked against a model's keys (target.config) names that model as its JSON Schema input type
+        declared = [getattr(item, "json_schema_input_type", None) for item in field.metadata]
+        inner = _model_in(field.annotation) or next((_model_in(kind) for kind in declared if kind), None)
         if inner is None:
             return []
         model = inner

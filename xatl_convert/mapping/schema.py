@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from xatl_convert.mapping.expressions import substitute
 from xatl_convert.transforms import TransformChain, parse_transform
 
 LayerType = Literal["attention", "mamba", "mamba2"]
-LCI_MIXERS: tuple[str, ...] = ("mamba", "mamba2")
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
 InitStrategy = Literal["default", "zeros", "ones", "copy"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
@@ -125,6 +124,123 @@ class SourceMatch(_Strict):
         return [self.model_type] if isinstance(self.model_type, str) else list(self.model_type)
 
 
+# JSON Schema of each kind of config value, for editors; the values themselves are checked by XatlConfig once
+# every `${...}` is evaluated (before that, "${source.hidden_size}" or a scaffold's TODO is fine).
+_EXPRESSION_SCHEMA = {"type": "string", "pattern": r"^\s*\$\{.*\}\s*$"}
+_JSON_TYPES: dict[str, dict[str, Any]] = {
+    "int": {"type": "integer", "minimum": 1},
+    "int?": {"type": ["integer", "null"], "minimum": 1},
+    "number": {"type": "number", "exclusiveMinimum": 0},
+    "number?": {"type": ["number", "null"], "exclusiveMinimum": 0},
+    "number>=0": {"type": "number", "minimum": 0},
+    "fraction?": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "bool": {"type": "boolean"},
+    "str": {"type": "string"},
+    "norm": {"enum": ["layernorm", "rmsnorm"]},
+    "dict?": {"type": ["object", "null"]},
+    "token": {"anyOf": [{"type": ["integer", "null"]}, {"type": "array", "items": {"type": "integer"}}]},
+    "dt_rank": {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]},
+    "range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+}
+
+
+def _key(kind: str, default: Any, meaning: str) -> Any:
+    """A declared config key, with XatlConfig's default (a test holds them equal) and its meaning."""
+    schema = {"anyOf": [_JSON_TYPES[kind], _EXPRESSION_SCHEMA]}
+    return Field(default=default, description=meaning, json_schema_extra=schema)
+
+
+class MambaSettings(_Strict):
+    """`target.config.mamba`: mamba-ssm's Mamba (v1) mixer arguments; each one left out keeps its default."""
+
+    d_state: Any = _key("int", 16, "SSM state size per channel (N)")
+    d_conv: Any = _key("int", 4, "width of the causal depthwise convolution")
+    expand: Any = _key("int", 2, "d_inner = expand * hidden_size (1 lets W_O fill out_proj)")
+    dt_rank: Any = _key("dt_rank", "auto", "rank of the dt projection; auto = ceil(hidden_size / 16)")
+    dt_min: Any = _key("number", 0.001, "smallest initial step size dt")
+    dt_max: Any = _key("number", 0.1, "largest initial step size dt (at least dt_min)")
+    dt_init_floor: Any = _key("number", 1e-4, "floor of the initial dt")
+    dt_scale: Any = _key("number", 1.0, "scale of the dt projection's initial weights")
+    conv_bias: Any = _key("bool", True, "the convolution has a bias")
+    proj_bias: Any = _key("bool", False, "in_proj has a bias")
+    out_proj_bias: Any = _key("bool", False, "out_proj has a bias (true to hold the attention output's bias)")
+
+
+class Mamba2Settings(_Strict):
+    """`target.config.mamba2`: mamba-ssm's Mamba2 (SSD) mixer arguments; each one left out keeps its default."""
+
+    d_state: Any = _key("int", 128, "SSM state size per group (N)")
+    d_conv: Any = _key("int", 4, "width of the causal depthwise convolution")
+    expand: Any = _key("int", 2, "d_inner = expand * hidden_size, which headdim and ngroups must divide")
+    headdim: Any = _key("int", 64, "channels per SSM head (nheads = d_inner / headdim)")
+    ngroups: Any = _key("int", 1, "groups sharing B and C; must divide nheads")
+    chunk_size: Any = _key("int", 256, "chunk length of the SSD scan")
+    A_init_range: Any = _key("range", [1, 16], "[low, high] of the initial A, 0 < low <= high")
+    dt_min: Any = _key("number", 0.001, "smallest initial step size dt")
+    dt_max: Any = _key("number", 0.1, "largest initial step size dt (at least dt_min)")
+    dt_init_floor: Any = _key("number", 1e-4, "floor of the initial dt")
+    conv_bias: Any = _key("bool", True, "the convolution has a bias")
+    proj_bias: Any = _key("bool", False, "in_proj has a bias")
+    out_proj_bias: Any = _key("bool", False, "out_proj has a bias (true to hold the attention output's bias)")
+    norm_before_gate: Any = _key("bool", False, "normalise before the z gate rather than after")
+
+
+def _derived_layer_types(value: Any) -> Any:
+    raise ValueError("layer_types is derived from target.mixer and target.attention_layers (or --attn-layers)")
+
+
+class TargetConfig(_Strict):
+    """`target.config`: the keys of the xatl model config (XatlConfig); any other key is an error."""
+
+    vocab_size: Any = _key("int", 50304, "rows of the embedding and of the LM head")
+    hidden_size: Any = _key("int", 768, "width of the residual stream")
+    num_hidden_layers: Any = _key("int", 12, "number of blocks")
+    intermediate_size: Any = _key("int", 3072, "width of the MLP (of each half when gated)")
+    norm_type: Any = _key("norm", "layernorm", "layernorm or rmsnorm")
+    norm_eps: Any = _key("number", 1e-5, "epsilon of every norm")
+    norm_bias: Any = _key("bool", True, "LayerNorm has a bias")
+    hidden_act: Any = _key("str", "gelu", "MLP activation, a name in transformers' ACT2FN (gelu, silu, ...)")
+    mlp_bias: Any = _key("bool", True, "the MLP's linear layers have biases")
+    mlp_gated: Any = _key("bool", False, "gated MLP: fc1 rows are [up; gate], out = fc2(up * act(gate))")
+    parallel_residual: Any = _key("bool", True, "x + mixer(norm1(x)) + mlp(norm2(x)) (GPT-NeoX) instead of sequential")
+    num_attention_heads: Any = _key("int", 12, "query heads of the attention layers")
+    num_key_value_heads: Any = _key(
+        "int?", None, "key/value heads (grouped-query attention); null: num_attention_heads"
+    )
+    head_dim: Any = _key("int?", None, "width of an attention head; null: hidden_size / num_attention_heads")
+    attention_bias: Any = _key("bool", True, "q, k and v projections have biases")
+    attention_out_bias: Any = _key("bool", True, "the attention output projection (W_O) has a bias")
+    partial_rotary_factor: Any = _key("fraction?", None, "legacy: share of head_dim that RoPE rotates")
+    rope_theta: Any = _key("number?", None, "legacy: RoPE base; prefer rope_parameters")
+    rope_parameters: Any = _key(
+        "dict?", None, "transformers-style RoPE (rope_type, rope_theta, partial_rotary_factor, ...); null: default RoPE"
+    )
+    rope_scaling: Any = _key("dict?", None, "legacy alias of rope_parameters")
+    max_position_embeddings: Any = _key("int", 2048, "longest sequence the attention layers accept")
+    mamba: MambaSettings | None = Field(default=None, description="Mamba (v1) mixer settings")
+    mamba2: Mamba2Settings | None = Field(default=None, description="Mamba2 mixer settings")
+    tie_word_embeddings: Any = _key("bool", False, "the LM head shares the embedding matrix")
+    initializer_range: Any = _key("number>=0", 0.02, "std of the default init of linear and embedding weights")
+    use_cache: Any = _key("bool", False, "generate() keeps a cache by default")
+    pad_token_id: Any = _key("token", None, "padding token id")
+    bos_token_id: Any = _key("token", None, "beginning-of-sequence token id")
+    eos_token_id: Any = _key("token", None, "end-of-sequence token id(s)")
+    layer_types: Annotated[Any, BeforeValidator(_derived_layer_types)] = Field(
+        default=None, description="not set here: derived from target.mixer and target.attention_layers"
+    )
+
+
+# The top-level keys a mapping or `--set` may give (layer_types is derived, never given).
+CONFIG_KEYS: tuple[str, ...] = tuple(name for name in TargetConfig.model_fields if name != "layer_types")
+
+
+def _declared_keys_only(value: Any) -> Any:
+    """Check the keys against TargetConfig but keep the dict itself: its values may still be `${...}` text."""
+    if isinstance(value, dict):
+        TargetConfig.model_validate(value)
+    return value
+
+
 class TargetSpec(_Strict):
     """The target model: its LCI mixer, which layers stay attention, and its config (expressions allowed)."""
 
@@ -133,7 +249,9 @@ class TargetSpec(_Strict):
     attention_layers: str | list[IntOrExpression] = Field(
         default_factory=list, description="layer indices kept as attention, or a preset name such as 'paper'"
     )
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: Annotated[dict[str, Any], BeforeValidator(_declared_keys_only, json_schema_input_type=TargetConfig)] = (
+        Field(default_factory=dict)
+    )
 
 
 class Mapping(_Strict):

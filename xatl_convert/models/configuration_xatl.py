@@ -7,13 +7,16 @@ model folder and loaded with `trust_remote_code=True` where `xatl_convert` is no
 from __future__ import annotations
 
 import copy
+import difflib
 import math
+from collections.abc import Callable
 from typing import Any
 
 try:  # transformers >= 5 spells it PreTrainedConfig; the old alias is kept for safety.
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LAYER_TYPES: tuple[str, ...] = ("attention", "mamba", "mamba2")
@@ -59,6 +62,200 @@ MAMBA2_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Sanity bounds, far above any real model: a typo or a runaway expression must fail here, not as a 38 TB allocation.
+MAX_DIMENSION = 2**24
+MAX_D_STATE = 2**16
+MAX_LAYERS = 4096
+MAX_PARAMETERS = 2**41  # ~2.2e12, above the largest dense model
+
+Check = Callable[[str, Any], None]
+
+
+class XatlConfigError(ValueError):
+    """A config value the model cannot be built with; `keys` (dotted, e.g. mamba.d_conv) say which to change."""
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+def _shown(value: Any) -> str:
+    """A value as a user would type it: short floats, true/false, quoted strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # true/false are not sizes
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _positive_int(limit: int = MAX_DIMENSION) -> Check:
+    def check(key: str, value: Any) -> None:
+        if not _is_int(value) or value <= 0:
+            raise XatlConfigError(f"{key} must be a positive integer, got {_shown(value)}", key)
+        if value > limit:
+            raise XatlConfigError(f"{key}={value} is larger than any real model's (at most {limit})", key)
+
+    return check
+
+
+def _optional(check: Check) -> Check:
+    """None means 'derive it' (head_dim, num_key_value_heads, rope_theta, ...)."""
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def _positive_number(key: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise XatlConfigError(f"{key} must be a positive number, got {_shown(value)}", key)
+
+
+def _non_negative_number(key: str, value: Any) -> None:
+    if not _is_number(value) or value < 0:
+        raise XatlConfigError(f"{key} must be a number >= 0, got {_shown(value)}", key)
+
+
+def _fraction(key: str, value: Any) -> None:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise XatlConfigError(f"{key} must be a number from 0 to 1, got {_shown(value)}", key)
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise XatlConfigError(f"{key} must be true or false, got {_shown(value)}", key)
+
+
+def _token_id(key: str, value: Any) -> None:
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(_is_int(item) for item in ids):
+        raise XatlConfigError(f"{key} must be a token id, a list of them, or null; got {_shown(value)}", key)
+
+
+def _settings(key: str, value: Any) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise XatlConfigError(f"{key} must be a mapping of settings, got {_shown(value)}", key)
+
+
+def _norm_type(key: str, value: Any) -> None:
+    if value not in NORM_TYPES:
+        raise XatlConfigError(f"{key} must be one of {list(NORM_TYPES)}, got {_shown(value)}", key)
+
+
+def _activation(key: str, value: Any) -> None:
+    if isinstance(value, str) and value in ACT2FN:
+        return
+    near = difflib.get_close_matches(str(value), list(ACT2FN), n=1)
+    hint = f"did you mean {near[0]!r}?" if near else "e.g. gelu, silu, relu"
+    raise XatlConfigError(f"{key} {_shown(value)} is not an activation that transformers knows; {hint}", key)
+
+
+def _layer_kinds(key: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, list) and all(isinstance(kind, str) for kind in value)):
+        raise XatlConfigError(f"{key} must be a list of {list(LAYER_TYPES)}, got {_shown(value)}", key)
+
+
+def _dt_rank(key: str, value: Any) -> None:
+    if value != "auto":
+        _positive_int()(key, value)
+
+
+def _init_range(key: str, value: Any) -> None:
+    if not (isinstance(value, list | tuple) and len(value) == 2 and all(_is_number(item) for item in value)):
+        raise XatlConfigError(f"{key} must be two numbers [low, high], got {_shown(value)}", key)
+
+
+# Every top-level key that XatlConfig.__init__ declares, with the check of its value on its own (the rules that
+# relate keys are in XatlConfig._check). Mappings and `--set` accept exactly these keys (xatl_convert's mapping
+# schema declares them again, without importing torch; a test holds the two equal).
+CONFIG_CHECKS: dict[str, Check] = {
+    "vocab_size": _positive_int(),
+    "hidden_size": _positive_int(),
+    "num_hidden_layers": _positive_int(MAX_LAYERS),
+    "intermediate_size": _positive_int(),
+    "layer_types": _layer_kinds,
+    "norm_type": _norm_type,
+    "norm_eps": _positive_number,
+    "norm_bias": _bool,
+    "hidden_act": _activation,
+    "mlp_bias": _bool,
+    "mlp_gated": _bool,
+    "parallel_residual": _bool,
+    "num_attention_heads": _positive_int(),
+    "num_key_value_heads": _optional(_positive_int()),
+    "head_dim": _optional(_positive_int()),
+    "attention_bias": _bool,
+    "attention_out_bias": _bool,
+    "partial_rotary_factor": _optional(_fraction),
+    "rope_theta": _optional(_positive_number),
+    "rope_parameters": _settings,
+    "rope_scaling": _settings,
+    "max_position_embeddings": _positive_int(),
+    "mamba": _settings,
+    "mamba2": _settings,
+    "tie_word_embeddings": _bool,
+    "initializer_range": _non_negative_number,
+    "use_cache": _bool,
+    "pad_token_id": _token_id,
+    "bos_token_id": _token_id,
+    "eos_token_id": _token_id,
+}
+MIXER_CHECKS: dict[str, Check] = {
+    "d_state": _positive_int(MAX_D_STATE),
+    "d_conv": _positive_int(),
+    "expand": _positive_int(),
+    "headdim": _positive_int(),
+    "ngroups": _positive_int(),
+    "chunk_size": _positive_int(),
+    "dt_rank": _dt_rank,
+    "dt_min": _positive_number,
+    "dt_max": _positive_number,
+    "dt_init_floor": _positive_number,
+    "dt_scale": _positive_number,
+    "A_init_range": _init_range,
+    "conv_bias": _bool,
+    "proj_bias": _bool,
+    "out_proj_bias": _bool,
+    "norm_before_gate": _bool,
+}
+# Arguments read only at construction (legacy spellings and layer_types, checked on their own in _check).
+_CONSTRUCTION_ONLY = ("layer_types", "partial_rotary_factor", "rope_theta", "rope_scaling")
+# What a too-large parameter count can come from, in the order a caller should suspect them.
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "mamba.d_state", "mamba.expand",
+              "mamba.d_conv", "mamba2.d_state", "mamba2.expand", "mamba2.ngroups", "mamba2.d_conv")  # fmt: skip
+
+
+def _check_mixer_settings(group: str, settings: dict[str, Any]) -> None:
+    """The values of `mamba` or `mamba2` (unknown keys are refused when they are merged over the defaults)."""
+    for name, value in settings.items():
+        if name in MIXER_CHECKS:
+            MIXER_CHECKS[name](f"{group}.{name}", value)
+    low, high = settings.get("dt_min"), settings.get("dt_max")
+    if _is_number(low) and _is_number(high) and high < low:
+        raise XatlConfigError(f"{group}.dt_max={_shown(high)} is below {group}.dt_min={_shown(low)}",
+                              f"{group}.dt_max", f"{group}.dt_min")  # fmt: skip
+
+
+def check_config_values(values: dict[str, Any]) -> None:
+    """Refuse a wrong type or range for each key given, in the order given, so the first error is the first bad key.
+
+    Mappings and `--set` run this on their values before building a config, and `XatlConfig` on its arguments, so
+    that a bad value is named as such rather than failing later as an arithmetic error or a model that cannot run.
+    Keys it does not declare (transformers' own) are left to transformers.
+    """
+    for key, value in values.items():
+        if key in CONFIG_CHECKS:
+            CONFIG_CHECKS[key](key, value)
+        if key in ("mamba", "mamba2") and isinstance(value, dict):
+            _check_mixer_settings(key, value)
+
+
 class XatlConfig(PreTrainedConfig):
     """Embeddings → blocks (norm → mixer, norm → MLP, parallel or sequential residual) → final norm → head.
 
@@ -72,6 +269,9 @@ class XatlConfig(PreTrainedConfig):
     `original_max_position_embeddings`); it is what config.json stores. The legacy `rope_theta=` and
     `partial_rotary_factor=` arguments (older config.json files) build the default one, `rope_scaling=` is read as
     an alias of `rope_parameters`; `rope_theta` and `partial_rotary_factor` stay readable as properties.
+
+    Every value is checked at construction and on save (sizes are positive integers within sane bounds, flags are
+    real booleans, ...): a bad one raises XatlConfigError, a ValueError that names the key.
     """
 
     model_type = "xatl"
@@ -110,6 +310,9 @@ class XatlConfig(PreTrainedConfig):
         eos_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # Before any value is used: `hidden_size // num_attention_heads` or `[...] * num_hidden_layers` must not be
+        # where a bad value first shows. locals() here holds exactly the arguments.
+        check_config_values({key: value for key, value in locals().items() if key not in ("self", "kwargs")})
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -145,7 +348,9 @@ class XatlConfig(PreTrainedConfig):
                 **kwargs,
             )
         except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
-            raise ValueError(f"invalid rope_parameters {self.rope_parameters}: {error}") from error
+            raise XatlConfigError(
+                f"invalid rope_parameters {self.rope_parameters}: {error}", "rope_parameters"
+            ) from error
         # Set after super().__init__: transformers 5 rewrites a config's `layer_types` there into its own
         # vocabulary ("mamba" → "linear_attention", "attention" → "full_attention"), which would lose ours.
         self.layer_types = list(layer_types) if layer_types is not None else ["mamba"] * num_hidden_layers
@@ -181,8 +386,10 @@ class XatlConfig(PreTrainedConfig):
                 "partial_rotary_factor": 1.0 if partial_rotary_factor is None else partial_rotary_factor,
             }
         if not isinstance(rope_parameters, dict) or any(isinstance(v, dict) for v in rope_parameters.values()):
-            raise ValueError(
-                f"rope_parameters must be one flat dict (per-layer-type RoPE is not supported), got {rope_parameters!r}"
+            raise XatlConfigError(
+                "rope_parameters must be one flat dict (per-layer-type RoPE is not supported), "
+                f"got {_shown(rope_parameters)}",
+                "rope_parameters",
             )
         params = copy.deepcopy(rope_parameters)
         if "type" in params:  # the pre-4.45 spelling of rope_type
@@ -193,21 +400,26 @@ class XatlConfig(PreTrainedConfig):
             if value is None:
                 continue
             if key in params and params[key] != value:
-                raise ValueError(f"{key}={value} conflicts with rope_parameters[{key!r}]={params[key]}")
+                raise XatlConfigError(f"{key}={value} conflicts with rope_parameters[{key!r}]={params[key]}",
+                                      key, "rope_parameters")  # fmt: skip
             params[key] = value
         params.setdefault("rope_theta", DEFAULT_ROPE_THETA)
         if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
+            raise XatlConfigError(
                 f"unsupported rope_parameters['rope_type']={params['rope_type']!r}; "
-                f"supported: {list(SUPPORTED_ROPE_TYPES)}"
+                f"supported: {list(SUPPORTED_ROPE_TYPES)}",
+                "rope_parameters",
             )
+        _positive_number("rope_parameters.rope_theta", params["rope_theta"])
+        _fraction("rope_parameters.partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         return params
 
     @staticmethod
     def _merge_mamba(mamba: dict[str, Any] | None, hidden_size: int) -> dict[str, Any]:
         unknown = set(mamba or {}) - set(MAMBA_DEFAULTS)
         if unknown:
-            raise ValueError(f"unknown mamba config keys {sorted(unknown)}; known: {sorted(MAMBA_DEFAULTS)}")
+            raise XatlConfigError(f"unknown mamba config keys {sorted(unknown)}; known: {sorted(MAMBA_DEFAULTS)}",
+                                  *(f"mamba.{key}" for key in sorted(unknown)))  # fmt: skip
         merged = {**copy.deepcopy(MAMBA_DEFAULTS), **(mamba or {})}
         if merged["dt_rank"] == "auto":
             merged["dt_rank"] = math.ceil(hidden_size / 16)
@@ -217,7 +429,8 @@ class XatlConfig(PreTrainedConfig):
     def _merge_mamba2(mamba2: dict[str, Any] | None) -> dict[str, Any]:
         unknown = set(mamba2 or {}) - set(MAMBA2_DEFAULTS)
         if unknown:
-            raise ValueError(f"unknown mamba2 config keys {sorted(unknown)}; known: {sorted(MAMBA2_DEFAULTS)}")
+            raise XatlConfigError(f"unknown mamba2 config keys {sorted(unknown)}; known: {sorted(MAMBA2_DEFAULTS)}",
+                                  *(f"mamba2.{key}" for key in sorted(unknown)))  # fmt: skip
         merged = {**copy.deepcopy(MAMBA2_DEFAULTS), **copy.deepcopy(mamba2 or {})}
         merged["A_init_range"] = list(merged["A_init_range"])  # a tuple would not survive a JSON round trip
         return merged
@@ -225,47 +438,80 @@ class XatlConfig(PreTrainedConfig):
     def _check_mamba2(self) -> None:
         m = self.mamba2
         d_inner = m["expand"] * self.hidden_size
-        if m["headdim"] <= 0 or d_inner % m["headdim"] != 0:
-            raise ValueError(
+        if d_inner % m["headdim"] != 0:
+            raise XatlConfigError(
                 f"mamba2: d_inner = expand * hidden_size = {m['expand']} * {self.hidden_size} = {d_inner} "
-                f"is not divisible by headdim={m['headdim']}"
-            )
-        if m["ngroups"] <= 0 or d_inner % m["ngroups"] != 0:
-            raise ValueError(f"mamba2: d_inner={d_inner} is not divisible by ngroups={m['ngroups']}")
+                f"is not divisible by headdim={m['headdim']}",
+                "mamba2.headdim", "mamba2.expand", "hidden_size",
+            )  # fmt: skip
+        if d_inner % m["ngroups"] != 0:
+            raise XatlConfigError(f"mamba2: d_inner={d_inner} is not divisible by ngroups={m['ngroups']}",
+                                  "mamba2.ngroups", "mamba2.expand", "hidden_size")  # fmt: skip
         nheads = d_inner // m["headdim"]
         if nheads % m["ngroups"] != 0:
-            raise ValueError(
-                f"mamba2: nheads = d_inner / headdim = {nheads} is not divisible by ngroups={m['ngroups']}"
-            )
+            raise XatlConfigError(
+                f"mamba2: nheads = d_inner / headdim = {nheads} is not divisible by ngroups={m['ngroups']}",
+                "mamba2.ngroups", "mamba2.headdim",
+            )  # fmt: skip
         lo, hi = m["A_init_range"]
         if not 0 < lo <= hi:
-            raise ValueError(f"mamba2: A_init_range must satisfy 0 < low <= high, got {m['A_init_range']}")
-        if m["chunk_size"] <= 0:
-            raise ValueError(f"mamba2: chunk_size must be positive, got {m['chunk_size']}")
+            raise XatlConfigError(f"mamba2: A_init_range must satisfy 0 < low <= high, got {m['A_init_range']}",
+                                  "mamba2.A_init_range")  # fmt: skip
+
+    def _parameter_estimate(self) -> int:
+        """Roughly how many parameters the config describes: embeddings, head, and per layer its mixer and MLP."""
+        h, layers = self.hidden_size, self.num_hidden_layers
+        mixers = {"attention": h * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)}
+        m = self.mamba
+        d_inner = m["expand"] * h
+        dt_rank = m["dt_rank"] if _is_int(m["dt_rank"]) else math.ceil(h / 16)
+        mixers["mamba"] = d_inner * (3 * h + m["d_conv"] + 2 * dt_rank + 3 * m["d_state"])
+        m = self.mamba2
+        d_inner = m["expand"] * h
+        conv_dim = d_inner + 2 * m["ngroups"] * m["d_state"]
+        mixers["mamba2"] = h * (2 * d_inner + conv_dim + d_inner // m["headdim"]) + conv_dim * m["d_conv"]
+        per_layer = 3 * h * self.intermediate_size + max(mixers[kind] for kind in set(self.layer_types) or {"mamba"})
+        return 2 * self.vocab_size * h + layers * per_layer
+
+    def _check_size(self) -> None:
+        estimate = self._parameter_estimate()
+        if estimate > MAX_PARAMETERS:
+            raise XatlConfigError(
+                f"the config describes about {estimate:.2g} parameters, more than any model this tool can write "
+                f"({MAX_PARAMETERS:.2g}): check hidden_size={self.hidden_size}, intermediate_size="
+                f"{self.intermediate_size}, num_hidden_layers={self.num_hidden_layers}, vocab_size={self.vocab_size} "
+                "and the mixer's d_state and expand",
+                *_SIZE_KEYS,
+            )  # fmt: skip
 
     def _check(self) -> None:
-        """Fail at construction rather than deep inside a forward pass."""
+        """Fail at construction rather than deep inside a forward pass (or on save, after attributes changed)."""
+        stored = [key for key in CONFIG_CHECKS if key not in _CONSTRUCTION_ONLY and hasattr(self, key)]
+        check_config_values({key: getattr(self, key) for key in stored})
+        _layer_kinds("layer_types", self.layer_types)
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         if bad:
-            raise ValueError(f"unknown layer_types entries {bad}; allowed: {list(LAYER_TYPES)}")
+            raise XatlConfigError(f"unknown layer_types entries {bad}; allowed: {list(LAYER_TYPES)}")
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
+            raise XatlConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}",
+                "num_hidden_layers",
             )
         if "mamba2" in self.layer_types:
             self._check_mamba2()
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {self.norm_type!r}")
         rope_type = self.rope_parameters.get("rope_type")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"unsupported rope_parameters['rope_type']={rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+            raise XatlConfigError(
+                f"unsupported rope_parameters['rope_type']={rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}",
+                "rope_parameters",
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise XatlConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+                f"num_key_value_heads={self.num_key_value_heads}",
+                "num_key_value_heads", "num_attention_heads",
+            )  # fmt: skip
+        self._check_size()
 
     def validate(self) -> None:
         """Run transformers' validators with `layer_types` hidden from them, then ours.
@@ -277,10 +523,11 @@ class XatlConfig(PreTrainedConfig):
         if "attention" in getattr(self, "layer_types", ()) and "head_dim" in self.__dict__:
             rotary_dim = int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
             if rotary_dim + rotary_dim % 2 > self.head_dim:  # inv_freq has ceil(rotary_dim / 2) entries
-                raise ValueError(
+                raise XatlConfigError(
                     f"RoPE needs an even rotary dimension: head_dim={self.head_dim} with partial_rotary_factor="
-                    f"{self.rope_parameters.get('partial_rotary_factor', 1.0)} rotates {rotary_dim} dims"
-                )
+                    f"{self.rope_parameters.get('partial_rotary_factor', 1.0)} rotates {rotary_dim} dims",
+                    "head_dim", "partial_rotary_factor", "rope_parameters",
+                )  # fmt: skip
         layer_types = self.__dict__.pop("layer_types", None)
         hidden: dict[str, Any] = {}
         if layer_types is not None and "attention" not in layer_types and "head_dim" in self.__dict__:
@@ -290,7 +537,9 @@ class XatlConfig(PreTrainedConfig):
             if parent_validate is not None:
                 parent_validate()
         except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
-            raise ValueError(f"invalid rope_parameters {self.rope_parameters}: {error}") from error
+            raise XatlConfigError(
+                f"invalid rope_parameters {self.rope_parameters}: {error}", "rope_parameters"
+            ) from error
         finally:
             self.__dict__.update(hidden)
             if layer_types is not None:

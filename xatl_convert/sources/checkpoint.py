@@ -6,6 +6,10 @@ read when the writer asks for it, through a memory map of that tensor's bytes al
 closes, so converting through `safe_open` grows RSS to the size of the whole source (measured: a 1 GiB file read
 tensor by tensor through safe_open peaked at 1.25 GB RSS), which breaks the memory budget of a streamed conversion.
 A ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which refuses any pickled code.
+
+Every file read must lie inside the source's storage root (the checkpoint folder, or a Hub snapshot's repo cache
+folder, whose snapshot files are links into its blobs): a shard name or a link cannot make xatl read elsewhere.
+Every way a file can be damaged ends in a SourceError that names the file (and the tensor) on one line.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
+import pickle
+import re
+import struct
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -68,6 +77,29 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+# A damaged weights file cannot be repaired here: the fix is always to fetch or save it again.
+_DAMAGED = "re-download or re-save the checkpoint"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# What torch.load raises on a damaged .bin besides OSError and UnpicklingError (measured by fuzzing legacy and zip
+# files: flipped bytes, truncations), so that each ends in one line rather than a traceback.
+_TORCH_LOAD_ERRORS = (
+    RuntimeError,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    AssertionError,
+    RecursionError,
+    struct.error,
+    zipfile.BadZipFile,
+)
+# weights_only's refusals of a global (a function or class to call) as opposed to plain damage.
+_PICKLED_CODE = re.compile(r"GLOBAL|Can only (?:create|build)")
+
+
 @dataclass
 class SourceCheckpoint:
     """An opened source: config dict, tensor inventory and a way to read one tensor at a time."""
@@ -83,9 +115,15 @@ class SourceCheckpoint:
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
 
+    @property
+    def storage_root(self) -> Path:
+        """The resolved folder holding the source's bytes, which an output must never be, hold or lie inside."""
+        return storage_root(self.path)
+
     def tokenizer_files(self) -> list[Path]:
-        """Tokenizer and generation files present in the source folder, to copy beside the output."""
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        """Tokenizer and generation files to copy beside the output: regular files inside the storage root only."""
+        root = self.storage_root
+        return [self.path / name for name in TOKENIZER_FILES if _is_regular_file_inside(self.path / name, root)]
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor. From safetensors it is a read-only view of a memory map: clone it before editing."""
@@ -98,6 +136,8 @@ class SourceCheckpoint:
         if state is None:
             state = _torch_load(self.path / info.file)
             self._torch_state = {info.file: state}  # keep one .bin shard in memory at a time
+        if name not in state:
+            raise SourceError(f"{self.path / info.file}: tensor {name!r} is gone; the file changed while xatl read it")
         return state[name]
 
     def iter_names(self) -> Iterator[str]:
@@ -113,88 +153,207 @@ class SourceCheckpoint:
         self.close()
 
 
+def storage_root(folder: Path) -> Path:
+    """The resolved checkpoint folder, or for a folder in a Hub snapshot (models--ORG--NAME/snapshots/<sha>[/sub])
+    the repo's cache folder: a snapshot's files are links into ../../blobs, so its bytes live in the whole repo folder.
+    """
+    resolved = Path(folder).resolve()
+    for ancestor in (resolved, *resolved.parents):
+        if ancestor.parent.name == "snapshots" and ancestor.parent.parent.name.startswith("models--"):
+            return ancestor.parent.parent
+    return resolved
+
+
 def open_checkpoint(path: Path, reference: str | None = None, revision: str | None = None) -> SourceCheckpoint:
     """Open a local checkpoint folder: config.json plus weights in safetensors (single or sharded) or .bin."""
     path = Path(path)
+    try:
+        return _open(path, reference, revision)
+    except OSError as error:  # a stat that failed where no read was expected (permissions on a parent folder)
+        raise SourceError(_os_message(Path(error.filename or path), error)) from None
+
+
+def _open(path: Path, reference: str | None, revision: str | None) -> SourceCheckpoint:
     if not path.is_dir():
         raise SourceError(f"{path}: not a folder (expected a checkpoint folder with config.json)")
+    root = storage_root(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SourceError(f"{path}: no config.json; is this a transformers checkpoint folder?")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{config_path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    config = _read_json(config_path, root)
     if not isinstance(config, dict):
-        raise SourceError(f"{config_path}: expected a JSON object")
+        raise SourceError(f"{config_path}: expected a JSON object, got {_json_type(config)}")
     return SourceCheckpoint(
         path=path,
         reference=reference or str(path),
         config=config,
-        tensors=_index_tensors(path),
+        tensors=_index_tensors(path, root),
         revision=revision,
     )
 
 
-def _index_tensors(path: Path) -> dict[str, TensorInfo]:
+def _index_tensors(path: Path, root: Path) -> dict[str, TensorInfo]:
     """Find the weight files in their order of preference and list every tensor in them."""
     if (path / SAFETENSORS_INDEX).is_file():
-        return _index_safetensors(path, _shard_files(path / SAFETENSORS_INDEX))
+        return _index_safetensors(path, root, _shard_files(path / SAFETENSORS_INDEX, root))
     if (path / SAFETENSORS_SINGLE).is_file():
-        return _index_safetensors(path, [SAFETENSORS_SINGLE])
+        return _index_safetensors(path, root, [SAFETENSORS_SINGLE])
     loose = sorted(p.name for p in path.glob("*.safetensors"))
     if loose:
-        return _index_safetensors(path, loose)
+        return _index_safetensors(path, root, loose)
     if (path / TORCH_INDEX).is_file():
-        return _index_torch(path, _shard_files(path / TORCH_INDEX))
+        return _index_torch(path, root, _shard_files(path / TORCH_INDEX, root))
     if (path / TORCH_SINGLE).is_file():
-        return _index_torch(path, [TORCH_SINGLE])
+        return _index_torch(path, root, [TORCH_SINGLE])
     raise SourceError(f"{path}: no weights found (model.safetensors, its sharded index, or pytorch_model.bin)")
 
 
-def _shard_files(index_path: Path) -> list[str]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise SourceError(f"{index_path}: not a valid shard index ({error})") from None
+def _shard_files(index_path: Path, root: Path) -> list[str]:
+    """The shard files a sharded index names, each checked to be a file inside the checkpoint."""
+    index = _read_json(index_path, root)
+    if not isinstance(index, dict):
+        raise SourceError(f"{index_path}: not a valid shard index: expected a JSON object, got {_json_type(index)}")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "an empty object" if weight_map == {} else _json_type(weight_map)
+        raise SourceError(
+            f'{index_path}: not a valid shard index: "weight_map" should be an object of tensor name to shard '
+            f"file, got {found}; {_DAMAGED}"
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise SourceError(
+                f"{index_path}: weight_map maps tensor {_short(tensor)} to {_json_type(shard)} {_short(shard)}, "
+                f"not a shard file name; {_DAMAGED}"
+            )
     files = list(dict.fromkeys(weight_map.values()))
     for name in files:
+        _check_shard_name(index_path, name)
+        _inside(index_path.parent / name, root)
         if not (index_path.parent / name).is_file():
-            raise SourceError(f"{index_path}: names shard {name!r}, which is missing")
+            raise SourceError(f"{index_path}: names shard {_short(name)}, which is missing")
     return files
 
 
-def _index_safetensors(path: Path, files: list[str]) -> dict[str, TensorInfo]:
+def _check_shard_name(index_path: Path, name: str) -> None:
+    """Refuse a shard name that climbs out of the checkpoint folder, before anything is opened through it."""
+    if "\\" in name or "\0" in name:
+        raise SourceError(
+            f"{index_path}: names shard {_short(name)}, which is not a file name (a backslash or NUL in it); {_DAMAGED}"
+        )
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or Path(name).is_absolute() or ".." in pure.parts:
+        raise SourceError(
+            f"{index_path}: names shard {_short(name)}, which lies outside the checkpoint folder; a shard must be a "
+            "file inside the folder, named relative to it"
+        )
+
+
+def _index_safetensors(path: Path, root: Path, files: list[str]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for file in files:
-        for info in _read_safetensors_header(path / file):
+        _inside(path / file, root)
+        for info in _read_safetensors_header(path / file, file):
             tensors[info.name] = info
     return tensors
 
 
-def _read_safetensors_header(file: Path) -> list[TensorInfo]:
-    """Parse a safetensors header (8-byte little-endian length, then JSON) into names, shapes and offsets."""
+def _read_safetensors_header(file: Path, relative: str | None = None) -> list[TensorInfo]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) into names, shapes and offsets.
+
+    Every entry is checked against the file, so that no later read can fall outside it or alias another tensor.
+    """
+    length, data_size, raw = _read_header_bytes(file)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else _first_line(error)
+        raise SourceError(
+            f"{file}: not a readable safetensors file (invalid JSON header: {reason}); {_DAMAGED}"
+        ) from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{file}: safetensors header is a JSON {_json_type(header)}, not an object; {_DAMAGED}")
+    entries = [
+        _header_entry(file, relative or file.name, name, entry, 8 + length, data_size)
+        for name, entry in header.items()
+        if name != "__metadata__"
+    ]
+    _check_no_overlap(file, entries)
+    return [info for info, _, _ in entries]
+
+
+def _read_header_bytes(file: Path) -> tuple[int, int, bytes]:
+    """The header's length, the size of the data after it, and the header's raw JSON bytes."""
     try:
         with file.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if not 2 <= length <= min(100 * 1024 * 1024, file.stat().st_size - 8):
-                raise ValueError(f"header length {length} does not fit the file")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise SourceError(f"{file}: not a readable safetensors file ({error})") from None
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise SourceError(f"{file}: tensor {name!r} has unsupported dtype {entry.get('dtype')}")
-        start, end = entry["data_offsets"]
-        info = TensorInfo(name, tuple(entry["shape"]), dtype, file.name, offset=8 + length + start)
-        if end - start != info.nbytes:
-            raise SourceError(f"{file}: tensor {name!r} has {end - start} bytes, its shape needs {info.nbytes}")
-        infos.append(info)
-    return infos
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            length = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or not 2 <= length <= min(_MAX_HEADER_BYTES, size - 8):
+                raise SourceError(
+                    f"{file}: not a readable safetensors file (header length {length} does not fit a file of "
+                    f"{size} bytes: truncated or not safetensors); {_DAMAGED}"
+                )
+            raw = handle.read(length)
+    except OSError as error:
+        raise SourceError(_os_message(file, error)) from None
+    if len(raw) < length:
+        raise SourceError(f"{file}: not a readable safetensors file (truncated while read); {_DAMAGED}")
+    return length, size - 8 - length, raw
+
+
+def _header_entry(
+    file: Path, relative: str, name: str, entry: object, base: int, data_size: int
+) -> tuple[TensorInfo, int, int]:
+    """One header entry as a TensorInfo, with its data range (start, end) relative to the data section."""
+    where = f"{file}: tensor {_short(name)}"
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: its header entry is a JSON {_json_type(entry)}, not an object; {_DAMAGED}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise SourceError(f"{where}: its header entry has no {key}; {_DAMAGED}")
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise SourceError(
+            f"{where} has unsupported dtype {_short(entry['dtype'])} (supported: {', '.join(_SAFETENSORS_DTYPES)})"
+        )
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(_is_count(size) for size in shape):
+        raise SourceError(f"{where}: shape {_short(shape)} is not a list of non-negative integers; {_DAMAGED}")
+    offsets = entry["data_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(offset) for offset in offsets)):
+        raise SourceError(f"{where}: data_offsets {_short(offsets)} is not [start, end] in bytes; {_DAMAGED}")
+    start, end = offsets
+    if start > end:
+        raise SourceError(f"{where}: data_offsets {_short(offsets)} end before they start; {_DAMAGED}")
+    if end > data_size:
+        raise SourceError(
+            f"{where}: its data (bytes {start}..{end}) runs past the end of the file ({data_size} bytes of data); "
+            f"the file is truncated: {_DAMAGED}"
+        )
+    info = TensorInfo(name, tuple(shape), dtype, relative, offset=base + start)
+    if end - start != info.nbytes:
+        raise SourceError(f"{where} has {end - start} bytes, its shape needs {info.nbytes}; {_DAMAGED}")
+    return info, start, end
+
+
+def _check_no_overlap(file: Path, entries: list[tuple[TensorInfo, int, int]]) -> None:
+    """Refuse two tensors sharing bytes: a writer would never produce it, and reading it would alias data."""
+    previous: tuple[TensorInfo, int, int] | None = None
+    sized = [entry for entry in entries if entry[2] > entry[1]]  # an empty tensor holds no bytes to share
+    for current in sorted(sized, key=lambda item: (item[1], item[2])):
+        if previous is not None and current[1] < previous[2]:
+            raise SourceError(
+                f"{file}: tensor {_short(current[0].name)} (bytes {current[1]}..{current[2]}) overlaps tensor "
+                f"{_short(previous[0].name)} (bytes {previous[1]}..{previous[2]}); {_DAMAGED}"
+            )
+        if previous is None or current[2] >= previous[2]:
+            previous = current
+
+
+def _is_count(value: object) -> bool:
+    """A JSON non-negative integer (JSON true is a Python bool, which is an int: refuse it)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
@@ -209,13 +368,13 @@ def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
         return torch.empty(info.shape, dtype=info.dtype)
     offset = info.offset or 0
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with file.open("rb") as handle:
-        try:
+    try:
+        with file.open("rb") as handle:
             mapping = mmap.mmap(
                 handle.fileno(), offset - aligned + info.nbytes, offset=aligned, access=mmap.ACCESS_READ
             )
-        except (OSError, ValueError) as error:
-            raise SourceError(f"{file}: cannot read tensor {info.name!r} ({error})") from None
+    except (OSError, ValueError) as error:
+        raise SourceError(f"{file}: cannot read tensor {info.name!r} ({_first_line(error)})") from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=offset - aligned)
@@ -223,18 +382,103 @@ def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
 
 
 def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """Load a .bin with weights_only (which refuses pickled code); a legacy non-zip file cannot be memory-mapped."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # weights_only refuses pickled code with an UnpicklingError
-        raise SourceError(f"{file}: refused or unreadable with torch.load(weights_only=True): {error}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol warnings would print among our one-line errors
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as error:
+        raise SourceError(_unpickling_message(file, error)) from None
+    except OSError as error:
+        raise SourceError(_os_message(file, error)) from None
+    except _TORCH_LOAD_ERRORS as error:
+        reason = "it ends too early: truncated or empty" if isinstance(error, EOFError) else _first_line(error)
+        raise SourceError(f"{file}: not a readable PyTorch weights file ({reason}); {_DAMAGED}") from None
     if not isinstance(state, dict):
-        raise SourceError(f"{file}: expected a state dict of tensors")
-    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+        raise SourceError(f"{file}: expected a state dict of tensors, got {type(state).__name__}; {_DAMAGED}")
+    return {name: value for name, value in state.items() if isinstance(name, str) and isinstance(value, torch.Tensor)}
 
 
-def _index_torch(path: Path, files: list[str]) -> dict[str, TensorInfo]:
+def _unpickling_message(file: Path, error: pickle.UnpicklingError) -> str:
+    """One line for weights_only's refusal: pickled code is refused outright; anything else is damage."""
+    inner = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    if _PICKLED_CODE.search(str(inner)) or _PICKLED_CODE.search(str(error)):
+        return f"{file}: refused: it holds pickled code, which xatl never runs; convert the checkpoint to safetensors"
+    return f"{file}: not a readable PyTorch weights file (unsupported pickle content: {_first_line(inner)}); {_DAMAGED}"
+
+
+def _index_torch(path: Path, root: Path, files: list[str]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for file in files:
+        _inside(path / file, root)
         for name, value in _torch_load(path / file).items():
             tensors[name] = TensorInfo(name, tuple(value.shape), value.dtype, file)
     return tensors
+
+
+def _read_json(file: Path, root: Path) -> object:
+    """Parse a UTF-8 JSON file of the checkpoint (config or shard index), naming it in every failure."""
+    _inside(file, root)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SourceError(
+            f"{file}: not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); save it as UTF-8 JSON"
+        ) from None
+    except OSError as error:
+        raise SourceError(_os_message(file, error)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{file}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    except RecursionError:
+        raise SourceError(f"{file}: invalid JSON: nested too deeply") from None
+
+
+def _inside(file: Path, root: Path) -> Path:
+    """The file's real path, refused if it lies outside the storage root: a link must not make xatl read elsewhere."""
+    try:
+        real = file.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop, before Python 3.13
+        raise SourceError(f"{file}: cannot resolve it ({_first_line(error)}); replace the link by the file") from None
+    if not real.is_relative_to(root):
+        raise SourceError(
+            f"{file}: links to {real}, outside the checkpoint folder {root}; xatl reads only files inside the "
+            "checkpoint: copy the file in instead of linking it"
+        )
+    return real
+
+
+def _is_regular_file_inside(file: Path, root: Path) -> bool:
+    """Whether a file exists, is regular and lies inside the storage root once its links are followed."""
+    try:
+        real = file.resolve()
+        return real.is_relative_to(root) and real.is_file()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        return False
+
+
+def _os_message(file: Path, error: OSError) -> str:
+    """One line for a failed read: the file, the OS's reason, and what to check."""
+    reason = error.strerror or _first_line(error)
+    return f"{file}: cannot read it ({reason}); check that it exists, that you may read it, and the disk"
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's text (or its type's name): messages must stay on one line."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """A value's repr, cut to a readable length: a damaged header can hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

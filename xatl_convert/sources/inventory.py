@@ -70,4 +70,5 @@ def build_inventory(source: SourceCheckpoint) -> Inventory:
 
 
 def _natural_key(name: str) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    """Sort `layers.10` after `layers.9`. isdecimal, not isdigit: `²` is a digit that int() refuses."""
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", name)]

@@ -5,6 +5,7 @@ Each check returns a CheckResult; `verify()` runs them in order and collects the
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import ExitStack
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 
-from xatl_convert.errors import XatlError
+from xatl_convert.errors import OutputError, SourceError, XatlError
 from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -36,23 +38,28 @@ def verify(output: str | Path, source: str | Path | None = None, seed: int = 0, 
     """
     output = Path(output)
     target = resolve_device(device)
+    # everything a user can get wrong is read and validated here, before any model is built
     manifest = read_manifest(output)
-    if source is None and Path(manifest["source"]["path"]).is_dir():
-        source = manifest["source"]["path"]
+    config = read_output_config(output)
+    recorded = source is None
+    source, no_source = _choose_source(manifest, source)
     report = VerifyReport(output=str(output), source=str(source) if source is not None else None)
     with ExitStack() as stack:
         tensors = _open_output_tensors(output, stack)
+        _check_config_fits_weights(output, config, tensors)
+        checkpoint = stack.enter_context(_open_source(source, recorded)) if source is not None else None
         report.checks.append(check_tensors_as_planned(manifest, tensors))
-        checkpoint = stack.enter_context(resolve_source(source)) if source is not None else None
         if checkpoint is not None:
             report.checks.append(check_transfers_exact(manifest, tensors, checkpoint))
+        else:  # listed all the same: a check left out would read as one that passed
+            report.checks.append(_skipped("transfers exact", "bit-for-bit", no_source))
     source_path = checkpoint.path if checkpoint is not None else None  # resolved once (a Hub id costs a request)
     model = _load_converted(output).to(target)
     input_ids = sample_input_ids(output, model.config).to(target)
     report.checks.append(check_logits_finite(model, input_ids))
     reference = _load_source_model(source_path).to(target) if source_path is not None else None
     report.checks.append(check_loss_against_scratch(model, input_ids, seed, reference))
-    report.checks.append(check_attention_reproduces_source(model, input_ids, reference))
+    report.checks.append(check_attention_reproduces_source(model, input_ids, reference, no_source))
     report.checks.append(check_incremental_decoding(model, input_ids))
     if target.type == "cuda":
         report.checks.extend(check_kernels_against_reference(model))
@@ -95,25 +102,47 @@ def check_tensors_as_planned(manifest: dict[str, Any], tensors: dict[str, Any]) 
 
 def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], source: SourceCheckpoint) -> CheckResult:
     """(b) Every transferred tensor (and every transferred row block) equals its sources after the recorded
-    transform, bit for bit."""
+    transform, bit for bit.
+
+    A piece that cannot be recomputed (its source tensor is gone, or no longer fits the transform) fails the check
+    by name rather than stopping verify: it is exactly what a user swapping or editing a source needs to see.
+    """
     checked = 0
     mismatched: list[str] = []
+    problems: list[str] = []
     for name, entry in manifest["tensors"].items():
         pieces = [(None, entry)] if entry["status"] == "transferred" else []
         pieces += [(tuple(part["rows"]), part) for part in entry.get("parts", [])]
         for rows, piece in pieces:
             checked += 1
-            expected = parse_transform(piece["transform"]).apply([source.read(item) for item in piece["sources"]])
+            label = name if rows is None else f"{name}[{piece['part']}]"
+            if name not in tensors:
+                problems.append(f"{label}: missing from the output")
+                continue
+            try:
+                expected = parse_transform(piece["transform"]).apply([source.read(item) for item in piece["sources"]])
+            except SourceError as error:  # the recorded source tensor is absent or unreadable
+                problems.append(f"{label}: {error}")
+                continue
+            except (RuntimeError, IndexError) as error:  # torch: the source tensor no longer fits the transform
+                problems.append(f"{label}: cannot apply {piece['transform']} to the source: {_first_line(error)}")
+                continue
             actual = tensors[name] if rows is None else tensors[name][rows[0] : rows[1]]
             if not torch.equal(expected.to(actual.dtype), actual):
-                mismatched.append(name if rows is None else f"{name}[{piece['part']}]")
+                mismatched.append(label)
+    failed = len(mismatched) + len(problems)
     return CheckResult(
         name="transfers exact",
-        status="fail" if mismatched else "pass",
-        value=f"{checked - len(mismatched)}/{checked} equal",
+        status="fail" if failed else "pass",
+        value=f"{checked - failed}/{checked} equal",
         bound="bit-for-bit",
-        details={"mismatched": mismatched[:20]},
+        details={"mismatched": mismatched[:20], "problems": problems[:20]},
     )
+
+
+def _skipped(name: str, bound: str, reason: str | None) -> CheckResult:
+    """A check that cannot run, with why, in the value column and in the JSON details."""
+    return CheckResult(name, "skip", reason or "", bound, {"reason": reason})
 
 
 def check_logits_finite(model: XatlForCausalLM, input_ids: torch.Tensor) -> CheckResult:
@@ -152,14 +181,14 @@ def check_loss_against_scratch(
 
 
 def check_attention_reproduces_source(
-    model: XatlForCausalLM, input_ids: torch.Tensor, reference: torch.nn.Module | None
+    model: XatlForCausalLM, input_ids: torch.Tensor, reference: torch.nn.Module | None, no_source: str | None = None
 ) -> CheckResult:
     """(e) With every layer kept as attention, the logits equal the source model's (transformers' own class)."""
     name, bound = "all-attention logits = source", f"max abs diff ≤ {LOGITS_TOLERANCE:g}"
     if any(kind != "attention" for kind in model.config.layer_types):
         return CheckResult(name, "skip", "LCI layers present", bound)
     if reference is None:
-        return CheckResult(name, "skip", "no source given", bound)
+        return _skipped(name, bound, no_source or "no source given")
     with torch.no_grad():
         difference = (model(input_ids).logits - reference(input_ids).logits).abs().max().item()
     passed = difference <= LOGITS_TOLERANCE
@@ -234,9 +263,7 @@ def sample_input_ids(folder: Path, config: XatlConfig) -> torch.Tensor:
     """The shipped sample text through the folder's tokenizer; fixed random ids when there is no tokenizer."""
     length = min(SAMPLE_TOKENS, config.max_position_embeddings)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _load_tokenizer(folder)
         text = resources.files("xatl_convert.verify").joinpath("sample.txt").read_text()
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
         if ids.shape[1] >= 2 and int(ids.max()) < config.vocab_size:
@@ -250,22 +277,134 @@ def _loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
         return float(model(input_ids, labels=input_ids).loss)
 
 
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # the tokenizers library raises a bare Exception on a malformed file
+        raise OutputError(
+            f"{folder}: the tokenizer files cannot be loaded ({_first_line(error)}); convert again, or remove them "
+            "to verify on fixed random token ids"
+        ) from None
+
+
 def _load_converted(folder: Path) -> XatlForCausalLM:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as error:  # a last resort: config and weights were checked before
+        raise OutputError(f"{folder}: transformers cannot load the converted model ({_first_line(error)})") from None
 
 
 def _load_source_model(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SourceError(
+            f"{path}: transformers cannot load the source model ({_first_line(error)}); pass another --source"
+        ) from None
+
+
+def _choose_source(manifest: dict[str, Any], given: str | Path | None) -> tuple[str | Path | None, str | None]:
+    """The source to compare against and, when there is none, why (the reason each skipped check shows)."""
+    if given is not None:
+        return given, None
+    recorded = manifest["source"]
+    if Path(recorded["path"]).is_dir():
+        return recorded["path"], None
+    hint = f"pass --source {recorded['reference']}" if recorded["reference"] != recorded["path"] else "pass --source"
+    return None, f"source not found: {recorded['path']} (recorded in the manifest); {hint}"
+
+
+def _open_source(source: str | Path, recorded: bool) -> SourceCheckpoint:
+    """Open the source; the error says whether the path came from --source or from the manifest."""
+    try:
+        return resolve_source(source)
+    except SourceError as error:
+        if not recorded:
+            raise SourceError(f"--source {error}") from None
+        raise SourceError(f"{error} (the source path recorded in the manifest); pass --source") from None
+
+
+def read_output_config(folder: Path) -> XatlConfig:
+    """The folder's config.json as an XatlConfig; missing, not JSON, or not an xatl config is one clear line."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise OutputError(f"{path}: missing; the converted folder is incomplete: convert again") from None
+    except OSError as error:
+        raise OutputError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise OutputError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); convert again") from None
+    except json.JSONDecodeError as error:
+        raise OutputError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}; convert again") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{path}: expected a JSON object; convert again")
+    if data.get("model_type") != XatlConfig.model_type:
+        raise OutputError(f"{path}: model_type is {data.get('model_type')!r}, expected 'xatl'; convert again")
+    try:
+        return XatlConfig.from_dict(data)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:
+        raise OutputError(f"{path}: not a valid xatl config ({_first_line(error)}); convert again") from None
+
+
+def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """A config that does not fit the weights makes transformers print a long load report and raise; say it once."""
+    path = folder / "config.json"
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = {name: tuple(value.shape) for name, value in XatlForCausalLM(config).state_dict().items()}
+    except (ValueError, RuntimeError) as error:
+        raise OutputError(f"{path}: not a valid xatl config ({_first_line(error)}); convert again") from None
+    for name, tensor in tensors.items():
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise OutputError(
+                f"{path}: does not fit the weights: {name!r} is {list(tensor.shape)} in the safetensors, "
+                f"the config needs {list(expected[name])}; convert again"
+            )
 
 
 def _open_output_tensors(folder: Path, stack: ExitStack) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        handle = stack.enter_context(safe_open(file, framework="pt"))
-        for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-            tensors[name] = handle.get_tensor(name)
+    for file in _weight_files(folder):
+        try:
+            handle = stack.enter_context(safe_open(file, framework="pt"))
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise OutputError(
+                f"{file}: not a readable safetensors file ({_first_line(error)}); it is truncated or damaged: "
+                "convert again"
+            ) from None
     return tensors
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files to read; the file (or the shards its index names) that a conversion writes must exist."""
+    index = folder / "model.safetensors.index.json"
+    expected = [folder / "model.safetensors"]
+    if index.exists():
+        expected = [folder / name for name in _index_shards(index)]
+    for file in expected:
+        if not file.exists() and not file.is_symlink():
+            raise OutputError(f"{file}: missing; the converted folder has lost its weights: convert again")
+    return sorted(set(expected) | set(folder.glob("*.safetensors")))
+
+
+def _index_shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        return sorted({str(name) for name in weight_map.values()})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise OutputError(f"{index}: not a valid shard index ({_first_line(error)}); convert again") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """Library messages can span lines (transformers, tokenizers); the CLI prints one."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
