@@ -6,6 +6,7 @@ where the mistake is (FILE:LINE of the mapping, or `--set KEY`) and that no outp
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import re
@@ -216,8 +217,8 @@ def test_unreadable_mapping_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     [
         (b"", ":1:1: a mapping file is a YAML mapping"),
         (b"- name\n- rules\n", ":1:1: a mapping file is a YAML mapping"),
-        (b"name: a\x01\n", ":1: invalid YAML: special characters are not allowed"),
-        (b"name: [a\n", ":2:1: invalid YAML: expected ',' or ']'"),
+        (b"name: a\x01\n", ":1: invalid YAML: * characters are not allowed"),  # libyaml: control, PyYAML: special
+        (b"name: [a\n", ":2:1: invalid YAML: *expected ',' or ']'"),
         (b"a: " + b"[" * 100 + b"]" * 100 + b"\n", ":1:"),
         (b"a: !!python/object:os.system x\n", ":1:4: invalid YAML: could not determine a constructor"),
     ],
@@ -227,7 +228,7 @@ def test_malformed_yaml_is_one_line(tmp_path: Path, content: bytes, message: str
     mapping = tmp_path / "bad.yaml"
     mapping.write_bytes(content)
     line = _refused(tmp_path, "mappings", "validate", mapping)
-    assert f"{mapping}{message}" in line
+    assert fnmatch.fnmatchcase(line, f"*{mapping}{message}*"), line
 
 
 # --- --set ---------------------------------------------------------------------------------------------------------

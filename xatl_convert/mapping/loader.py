@@ -43,7 +43,7 @@ class YamlInputError(ValueError):
         return f"{file}:{self.line}:{self.column}" if self.column is not None else f"{file}:{self.line}"
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed: 5x faster
     """The safe loader, reading `1e-3` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-3`)."""
 
 
