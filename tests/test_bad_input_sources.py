@@ -127,11 +127,11 @@ def _index_of(folder: Path) -> dict:
 
 HEADER_CASES = [
     pytest.param(
-        _edit_header(lambda header: list(header)), [WEIGHTS, "header is a JSON list, not an object"], id="list"
+        _edit_header(lambda header: list(header)), [WEIGHTS, "header is a list, not a JSON object"], id="list"
     ),
     pytest.param(
         _edit_header(lambda header: header.update({DENSE_0: "F32"})),
-        [WEIGHTS, DENSE_0, "header entry is a JSON string, not an object"],
+        [WEIGHTS, DENSE_0, "header entry is a string, not a JSON object"],
         id="entry-not-object",
     ),
     pytest.param(_set_entry(DENSE_0, shape="32,32"), [DENSE_0, "shape '32,32' is not a list"], id="shape-string"),
@@ -221,7 +221,7 @@ def _symlinked_shard(folder: Path) -> str:
 INDEX_CASES = [
     pytest.param(
         lambda folder: _write_index(folder, INDEX, {"weight_map": list(_index_of(folder)["weight_map"])}),
-        [INDEX, '"weight_map" should be an object', "got list"],
+        [INDEX, '"weight_map" should be an object', "got a list"],
         id="weight-map-list",
     ),
     pytest.param(
@@ -232,7 +232,7 @@ INDEX_CASES = [
     pytest.param(
         lambda folder: _write_index(folder, INDEX, {"weight_map": {}}), [INDEX, "an empty object"], id="empty"
     ),
-    pytest.param(lambda folder: _write_index(folder, INDEX, [1, 2]), [INDEX, "got list"], id="index-list"),
+    pytest.param(lambda folder: _write_index(folder, INDEX, [1, 2]), [INDEX, "got a list"], id="index-list"),
     pytest.param(
         lambda folder: (folder / INDEX).write_bytes(b'{"weight_map": {"\xff": "a"}}'),
         [INDEX, "not UTF-8"],
@@ -295,7 +295,7 @@ def test_a_config_that_is_not_utf8_is_named(neox_checkpoint: Path, tmp_path: Pat
 def test_a_config_that_is_a_json_list_is_named(neox_checkpoint: Path, tmp_path: Path) -> None:
     src = _copy(neox_checkpoint, tmp_path)
     (src / "config.json").write_text("[]")
-    _assert_refused(src, tmp_path, ["config.json", "expected a JSON object, got list"], command="inspect")
+    _assert_refused(src, tmp_path, ["config.json", "expected a JSON object, got a list"], command="inspect")
 
 
 # ---------------------------------------------------------------- pytorch_model.bin

@@ -27,7 +27,7 @@ try:  # typer vendors click since 0.2x; older releases use click itself
 except ImportError:  # pragma: no cover
     import click
 
-from xatl_convert.errors import XatlError
+from xatl_convert.errors import XatlError, first_line
 from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
 from xatl_convert.mapping.layers import LCI_MIXERS, PRESETS
 
@@ -98,10 +98,9 @@ class OneLineErrorGroup(TyperGroup):
         except Exception as error:
             if os.environ.get(TRACEBACK_VARIABLE):
                 raise
-            summary = str(error).splitlines()[0] if str(error) else ""
             print_error(
-                f"internal error: {type(error).__name__}: {summary} (a bug in xatl; please report it, with the "
-                f"traceback that {TRACEBACK_VARIABLE}=1 shows)"
+                f"internal error: {type(error).__name__}: {first_line(error)} (a bug in xatl; please report it, "
+                f"with the traceback that {TRACEBACK_VARIABLE}=1 shows)"
             )
             raise typer.Exit(1) from None
 

@@ -50,3 +50,11 @@ class ManifestError(OutputError):
 
 class ReportError(XatlError):
     """The verify report cannot be written where --json asks."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's text (or its type's name): messages must stay on one line."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xatl_convert.errors import ManifestError
+from xatl_convert.json_files import json_type, read_json
 from xatl_convert.plan import ConversionPlan
 from xatl_convert.transforms import parse_transform
 
@@ -94,7 +95,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     Returns the JSON object as written; a ManifestError names the file and the key or tensor at fault.
     """
     path = Path(folder) / MANIFEST_NAME
-    data = _load_json(path)
+    data = read_json(path, ManifestError, _REWRITE, expect_object=True)
     version = data.get("manifest_version")
     if isinstance(version, int) and version > MANIFEST_VERSION:
         raise ManifestError(
@@ -105,27 +106,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         _Manifest.model_validate(data)
     except ValidationError as error:
         raise ManifestError(f"{path}: {_first_problem(error)}; {_REWRITE}") from None
-    return data
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    """The manifest's JSON object; any read or parse failure becomes one line naming the file."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: not found; is this a folder written by xatl convert?") from None
-    except OSError as error:
-        raise ManifestError(f"{path}: cannot read ({error.strerror or error})") from None
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); {_REWRITE}") from None
-    if not text.strip():
-        raise ManifestError(f"{path}: the file is empty; {_REWRITE}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}; {_REWRITE}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object, got {_json_type(data)}; {_REWRITE}")
     return data
 
 
@@ -223,7 +203,7 @@ def _first_problem(error: ValidationError) -> str:
     if first["type"] == "value_error":
         return prefix + str(first["ctx"]["error"])
     if first["type"] in ("model_type", "model_attributes_type", "dict_type"):
-        return prefix + f"expected a JSON object, got {_json_type(first['input'])}"
+        return prefix + f"expected a JSON object, got {json_type(first['input'])}"
     return prefix + f"{first['msg'].replace('Input should', 'should')}, got {_short(first['input'])}"
 
 
@@ -240,11 +220,6 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def _short(value: Any) -> str:

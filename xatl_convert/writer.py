@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from xatl_convert.errors import OutputWriteError, PlanError, SourceError
+from xatl_convert.errors import OutputWriteError, PlanError, SourceError, first_line
 from xatl_convert.interrupts import sigterm_as_interrupt
 from xatl_convert.manifest import MANIFEST_NAME, build_manifest
 from xatl_convert.model_card import render_model_card
@@ -154,7 +154,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
     """'model.safetensors: No space left on device', naming the file inside OUT where the OS names one."""
-    reason = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0]
+    reason = (error.strerror if isinstance(error, OSError) else None) or first_line(error)
     filename = getattr(error, "filename", None)
     if filename:
         with contextlib.suppress(ValueError):

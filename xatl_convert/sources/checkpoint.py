@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from xatl_convert.errors import SourceError
+from xatl_convert.errors import SourceError, first_line
+from xatl_convert.json_files import json_type, read_json
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -182,7 +183,7 @@ def _open(path: Path, reference: str | None, revision: str | None) -> SourceChec
         raise SourceError(f"{path}: no config.json; is this a transformers checkpoint folder?")
     config = _read_json(config_path, root)
     if not isinstance(config, dict):
-        raise SourceError(f"{config_path}: expected a JSON object, got {_json_type(config)}")
+        raise SourceError(f"{config_path}: expected a JSON object, got {json_type(config)}")
     return SourceCheckpoint(
         path=path,
         reference=reference or str(path),
@@ -212,10 +213,10 @@ def _shard_files(index_path: Path, root: Path) -> list[str]:
     """The shard files a sharded index names, each checked to be a file inside the checkpoint."""
     index = _read_json(index_path, root)
     if not isinstance(index, dict):
-        raise SourceError(f"{index_path}: not a valid shard index: expected a JSON object, got {_json_type(index)}")
+        raise SourceError(f"{index_path}: not a valid shard index: expected a JSON object, got {json_type(index)}")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        found = "an empty object" if weight_map == {} else _json_type(weight_map)
+        found = "an empty object" if weight_map == {} else json_type(weight_map)
         raise SourceError(
             f'{index_path}: not a valid shard index: "weight_map" should be an object of tensor name to shard '
             f"file, got {found}; {_DAMAGED}"
@@ -223,7 +224,7 @@ def _shard_files(index_path: Path, root: Path) -> list[str]:
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
             raise SourceError(
-                f"{index_path}: weight_map maps tensor {_short(tensor)} to {_json_type(shard)} {_short(shard)}, "
+                f"{index_path}: weight_map maps tensor {_short(tensor)} to {json_type(shard)} {_short(shard)}, "
                 f"not a shard file name; {_DAMAGED}"
             )
     files = list(dict.fromkeys(weight_map.values()))
@@ -267,12 +268,12 @@ def _read_safetensors_header(file: Path, relative: str | None = None) -> list[Te
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        reason = "nested too deeply" if isinstance(error, RecursionError) else _first_line(error)
+        reason = "nested too deeply" if isinstance(error, RecursionError) else first_line(error)
         raise SourceError(
             f"{file}: not a readable safetensors file (invalid JSON header: {reason}); {_DAMAGED}"
         ) from None
     if not isinstance(header, dict):
-        raise SourceError(f"{file}: safetensors header is a JSON {_json_type(header)}, not an object; {_DAMAGED}")
+        raise SourceError(f"{file}: safetensors header is {json_type(header)}, not a JSON object; {_DAMAGED}")
     entries = [
         _header_entry(file, relative or file.name, name, entry, 8 + length, data_size)
         for name, entry in header.items()
@@ -308,7 +309,7 @@ def _header_entry(
     """One header entry as a TensorInfo, with its data range (start, end) relative to the data section."""
     where = f"{file}: tensor {_short(name)}"
     if not isinstance(entry, dict):
-        raise SourceError(f"{where}: its header entry is a JSON {_json_type(entry)}, not an object; {_DAMAGED}")
+        raise SourceError(f"{where}: its header entry is {json_type(entry)}, not a JSON object; {_DAMAGED}")
     for key in ("dtype", "shape", "data_offsets"):
         if key not in entry:
             raise SourceError(f"{where}: its header entry has no {key}; {_DAMAGED}")
@@ -374,7 +375,7 @@ def _read_range(file: Path, info: TensorInfo) -> torch.Tensor:
                 handle.fileno(), offset - aligned + info.nbytes, offset=aligned, access=mmap.ACCESS_READ
             )
     except (OSError, ValueError) as error:
-        raise SourceError(f"{file}: cannot read tensor {info.name!r} ({_first_line(error)})") from None
+        raise SourceError(f"{file}: cannot read tensor {info.name!r} ({first_line(error)})") from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         data = torch.frombuffer(mapping, dtype=torch.uint8, count=info.nbytes, offset=offset - aligned)
@@ -392,7 +393,7 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     except OSError as error:
         raise SourceError(_os_message(file, error)) from None
     except _TORCH_LOAD_ERRORS as error:
-        reason = "it ends too early: truncated or empty" if isinstance(error, EOFError) else _first_line(error)
+        reason = "it ends too early: truncated or empty" if isinstance(error, EOFError) else first_line(error)
         raise SourceError(f"{file}: not a readable PyTorch weights file ({reason}); {_DAMAGED}") from None
     if not isinstance(state, dict):
         raise SourceError(f"{file}: expected a state dict of tensors, got {type(state).__name__}; {_DAMAGED}")
@@ -404,7 +405,7 @@ def _unpickling_message(file: Path, error: pickle.UnpicklingError) -> str:
     inner = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
     if _PICKLED_CODE.search(str(inner)) or _PICKLED_CODE.search(str(error)):
         return f"{file}: refused: it holds pickled code, which xatl never runs; convert the checkpoint to safetensors"
-    return f"{file}: not a readable PyTorch weights file (unsupported pickle content: {_first_line(inner)}); {_DAMAGED}"
+    return f"{file}: not a readable PyTorch weights file (unsupported pickle content: {first_line(inner)}); {_DAMAGED}"
 
 
 def _index_torch(path: Path, root: Path, files: list[str]) -> dict[str, TensorInfo]:
@@ -419,20 +420,7 @@ def _index_torch(path: Path, root: Path, files: list[str]) -> dict[str, TensorIn
 def _read_json(file: Path, root: Path) -> object:
     """Parse a UTF-8 JSON file of the checkpoint (config or shard index), naming it in every failure."""
     _inside(file, root)
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise SourceError(
-            f"{file}: not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x}); save it as UTF-8 JSON"
-        ) from None
-    except OSError as error:
-        raise SourceError(_os_message(file, error)) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{file}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
-    except RecursionError:
-        raise SourceError(f"{file}: invalid JSON: nested too deeply") from None
+    return read_json(file, SourceError, "fix or re-download the checkpoint")
 
 
 def _inside(file: Path, root: Path) -> Path:
@@ -440,7 +428,7 @@ def _inside(file: Path, root: Path) -> Path:
     try:
         real = file.resolve()
     except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop, before Python 3.13
-        raise SourceError(f"{file}: cannot resolve it ({_first_line(error)}); replace the link by the file") from None
+        raise SourceError(f"{file}: cannot resolve it ({first_line(error)}); replace the link by the file") from None
     if not real.is_relative_to(root):
         raise SourceError(
             f"{file}: links to {real}, outside the checkpoint folder {root}; xatl reads only files inside the "
@@ -460,25 +448,11 @@ def _is_regular_file_inside(file: Path, root: Path) -> bool:
 
 def _os_message(file: Path, error: OSError) -> str:
     """One line for a failed read: the file, the OS's reason, and what to check."""
-    reason = error.strerror or _first_line(error)
+    reason = error.strerror or first_line(error)
     return f"{file}: cannot read it ({reason}); check that it exists, that you may read it, and the disk"
-
-
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an error's text (or its type's name): messages must stay on one line."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__
 
 
 def _short(value: object, limit: int = 120) -> str:
     """A value's repr, cut to a readable length: a damaged header can hold megabytes in one field."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages."""
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -22,9 +22,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from xatl_convert.errors import SourceError
+from xatl_convert.errors import SourceError, first_line
 from xatl_convert.sources.aliases import expand_alias
-from xatl_convert.sources.checkpoint import TOKENIZER_FILES, SourceCheckpoint, _first_line, open_checkpoint
+from xatl_convert.sources.checkpoint import TOKENIZER_FILES, SourceCheckpoint, open_checkpoint
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONFIG_PATTERNS = ["config.json", *TOKENIZER_FILES]
@@ -89,7 +89,7 @@ def _validate_repo_id(text: str, repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise SourceError(f"{text}: not a valid Hub id ({_first_line(error)}); {_VALID_ID}") from None
+        raise SourceError(f"{text}: not a valid Hub id ({first_line(error)}); {_VALID_ID}") from None
 
 
 def download_from_hub(
@@ -134,7 +134,7 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir: str | Path | None, 
             )
         )
     except HFValidationError as error:
-        raise SourceError(f"{where}: not a valid Hub id or revision ({_first_line(error)}); {_VALID_ID}") from None
+        raise SourceError(f"{where}: not a valid Hub id or revision ({first_line(error)}); {_VALID_ID}") from None
     except GatedRepoError:
         raise SourceError(
             f"{where}: the repo is gated; accept its terms on the Hub, then log in (hf auth login) or set HF_TOKEN"
@@ -177,7 +177,7 @@ def _unreachable(where: str, error: BaseException, state: str) -> str:
         return f"{where}: the Hub at {constants.ENDPOINT} did not answer (timeout); {_NETWORK_HINT}"
     network = next((link for link in chain if isinstance(link, _network_errors())), None)
     if network is not None:
-        return f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({_first_line(network)}); {_NETWORK_HINT}"
+        return f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({first_line(network)}); {_NETWORK_HINT}"
     return f"{where}: {state} and the Hub at {constants.ENDPOINT} cannot be reached; {_NETWORK_HINT}"
 
 
@@ -190,13 +190,13 @@ def _http_status_message(where: str, error: Any) -> str:
         return f"{where}: the Hub answered HTTP {status} (server error); try again later"
     if status == 429:
         return f"{where}: the Hub answered HTTP 429 (too many requests); wait a while and try again"
-    return f"{where}: the Hub answered HTTP {status or '?'} ({_first_line(error)}); try again later"
+    return f"{where}: the Hub answered HTTP {status or '?'} ({first_line(error)}); try again later"
 
 
 def _os_message(where: str, error: OSError, cache: str | Path) -> str:
     """One line for a failure of the local cache (read-only, full disk, a file where a folder should be)."""
     if error.errno is None:  # huggingface_hub's own OSErrors (metadata it could not read) carry no errno
-        return f"{where}: the download failed ({_first_line(error)}); try again later"
+        return f"{where}: the download failed ({first_line(error)}); try again later"
     file = f" at {error.filename}" if error.filename else ""
     fix = _CACHE_FIXES.get(error.errno, "check the folder")
     return (

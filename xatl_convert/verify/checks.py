@@ -17,7 +17,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 
-from xatl_convert.errors import OutputError, SourceError, XatlError
+from xatl_convert.errors import OutputError, SourceError, XatlError, first_line
+from xatl_convert.json_files import read_json
 from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -125,7 +126,7 @@ def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], sou
                 problems.append(f"{label}: {error}")
                 continue
             except (RuntimeError, IndexError) as error:  # torch: the source tensor no longer fits the transform
-                problems.append(f"{label}: cannot apply {piece['transform']} to the source: {_first_line(error)}")
+                problems.append(f"{label}: cannot apply {piece['transform']} to the source: {first_line(error)}")
                 continue
             actual = tensors[name] if rows is None else tensors[name][rows[0] : rows[1]]
             if not torch.equal(expected.to(actual.dtype), actual):
@@ -284,7 +285,7 @@ def _load_tokenizer(folder: Path) -> Any:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # the tokenizers library raises a bare Exception on a malformed file
         raise OutputError(
-            f"{folder}: the tokenizer files cannot be loaded ({_first_line(error)}); convert again, or remove them "
+            f"{folder}: the tokenizer files cannot be loaded ({first_line(error)}); convert again, or remove them "
             "to verify on fixed random token ids"
         ) from None
 
@@ -295,7 +296,7 @@ def _load_converted(folder: Path) -> XatlForCausalLM:
     try:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     except (OSError, ValueError, RuntimeError) as error:  # a last resort: config and weights were checked before
-        raise OutputError(f"{folder}: transformers cannot load the converted model ({_first_line(error)})") from None
+        raise OutputError(f"{folder}: transformers cannot load the converted model ({first_line(error)})") from None
 
 
 def _load_source_model(path: Path) -> torch.nn.Module:
@@ -305,7 +306,7 @@ def _load_source_model(path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
     except (OSError, ValueError, RuntimeError) as error:
         raise SourceError(
-            f"{path}: transformers cannot load the source model ({_first_line(error)}); pass another --source"
+            f"{path}: transformers cannot load the source model ({first_line(error)}); pass another --source"
         ) from None
 
 
@@ -333,24 +334,13 @@ def _open_source(source: str | Path, recorded: bool) -> SourceCheckpoint:
 def read_output_config(folder: Path) -> XatlConfig:
     """The folder's config.json as an XatlConfig; missing, not JSON, or not an xatl config is one clear line."""
     path = folder / "config.json"
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise OutputError(f"{path}: missing; the converted folder is incomplete: convert again") from None
-    except OSError as error:
-        raise OutputError(f"{path}: cannot read ({error.strerror or error})") from None
-    except UnicodeDecodeError as error:
-        raise OutputError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); convert again") from None
-    except json.JSONDecodeError as error:
-        raise OutputError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}; convert again") from None
-    if not isinstance(data, dict):
-        raise OutputError(f"{path}: expected a JSON object; convert again")
+    data = read_json(path, OutputError, "convert again", expect_object=True)
     if data.get("model_type") != XatlConfig.model_type:
         raise OutputError(f"{path}: model_type is {data.get('model_type')!r}, expected 'xatl'; convert again")
     try:
         return XatlConfig.from_dict(data)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as error:
-        raise OutputError(f"{path}: not a valid xatl config ({_first_line(error)}); convert again") from None
+        raise OutputError(f"{path}: not a valid xatl config ({first_line(error)}); convert again") from None
 
 
 def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -360,7 +350,7 @@ def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[s
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             expected = {name: tuple(value.shape) for name, value in XatlForCausalLM(config).state_dict().items()}
     except (ValueError, RuntimeError) as error:
-        raise OutputError(f"{path}: not a valid xatl config ({_first_line(error)}); convert again") from None
+        raise OutputError(f"{path}: not a valid xatl config ({first_line(error)}); convert again") from None
     for name, tensor in tensors.items():
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise OutputError(
@@ -378,7 +368,7 @@ def _open_output_tensors(folder: Path, stack: ExitStack) -> dict[str, torch.Tens
                 tensors[name] = handle.get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise OutputError(
-                f"{file}: not a readable safetensors file ({_first_line(error)}); it is truncated or damaged: "
+                f"{file}: not a readable safetensors file ({first_line(error)}); it is truncated or damaged: "
                 "convert again"
             ) from None
     return tensors
@@ -401,10 +391,4 @@ def _index_shards(index: Path) -> list[str]:
         weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
         return sorted({str(name) for name in weight_map.values()})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-        raise OutputError(f"{index}: not a valid shard index ({_first_line(error)}); convert again") from None
-
-
-def _first_line(error: BaseException) -> str:
-    """Library messages can span lines (transformers, tokenizers); the CLI prints one."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+        raise OutputError(f"{index}: not a valid shard index ({first_line(error)}); convert again") from None
