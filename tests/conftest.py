@@ -22,6 +22,16 @@ EXAMPLE_CHECKPOINT = REPO_ROOT / "examples" / "pythia-tiny"
 
 NeoxFactory = Callable[..., Path]
 
+# The checks `xatl verify` runs on CPU, in report order (CUDA adds the kernel checks).
+VERIFY_CHECK_NAMES = [
+    "tensors as planned",
+    "transfers exact",
+    "logits finite",
+    "loss vs from-scratch",
+    "all-attention logits = source",
+    "incremental decoding = full forward",
+]
+
 
 def tiny_neox_config(**overrides: object) -> GPTNeoXConfig:
     values: dict[str, object] = {

@@ -17,21 +17,14 @@ from typing import Any
 import pytest
 
 from tests.bad_input import CHECK_FAILED, error_line, invoke, tree_digest
-from tests.conftest import save_neox
+from tests.conftest import VERIFY_CHECK_NAMES, save_neox
 from xatl_convert.conversion import convert
 from xatl_convert.errors import ReportError
 from xatl_convert.manifest import MANIFEST_NAME
 from xatl_convert.verify import VerifyReport, check_report_destination
 
 WEIGHTS = "model.safetensors"
-CHECK_NAMES = [
-    "tensors as planned",
-    "transfers exact",
-    "logits finite",
-    "loss vs from-scratch",
-    "all-attention logits = source",
-    "incremental decoding = full forward",
-]
+CHECK_NAMES = VERIFY_CHECK_NAMES
 
 Damage = Callable[[Path], None]
 
