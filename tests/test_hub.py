@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.bad_input import error_line, invoke, leftovers
 from tests.conftest import EXAMPLE_CHECKPOINT, save_neox
 from tests.fake_hub import FakeHub
 from xatl_convert.cli import app
@@ -157,9 +158,8 @@ def test_bin_only_repo_fetches_the_bin_weights(hub: FakeHub, tmp_path: Path) -> 
 def test_hub_errors_end_in_one_clear_line(hub: FakeHub, tmp_path: Path, source: str, message: str) -> None:
     source_args = source.split(" --revision ")
     args = [source_args[0], *(["--revision", source_args[1]] if len(source_args) > 1 else [])]
-    result = runner.invoke(app, ["convert", *args, "--out", str(tmp_path / "out")])
-    assert message in _error_line(result)
-    assert not (tmp_path / "out").exists()
+    assert message in error_line(invoke("convert", *args, "--out", tmp_path / "out"))  # exit 2, one line
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_token_from_environment_opens_a_gated_repo(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:

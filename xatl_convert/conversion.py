@@ -11,7 +11,7 @@ import torch
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import LCI_MIXERS
-from xatl_convert.output_folder import ensure_writable
+from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, write_output
@@ -128,6 +128,9 @@ def convert(
     show_progress: bool = False,
 ) -> ConversionPlan:
     """Convert a source checkpoint into an xatl folder at `out`; returns the plan that was executed."""
+    local_source = source.path if isinstance(source, SourceCheckpoint) else Path(source).expanduser()
+    if local_source.exists():  # before "already exists; pass --force", which must never be said of the source
+        refuse_unsafe_output(Path(out), {local_source: "the source checkpoint"})
     ensure_writable(Path(out), force)
     plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)
     try:
