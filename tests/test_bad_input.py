@@ -322,7 +322,7 @@ def test_option_errors_are_one_line(source: Path, arguments: list[str], says: st
     assert says in error_line(invoke(*arguments))
 
 
-def test_help_sources_and_mappings_do_not_import_torch() -> None:
+def test_help_sources_and_mappings_do_not_import_torch_and_xatl_still_registers() -> None:
     """These run before any conversion; importing torch and transformers would cost them seconds."""
     script = (
         "import sys\nfrom xatl_convert.cli import app\n"
@@ -330,9 +330,11 @@ def test_help_sources_and_mappings_do_not_import_torch() -> None:
         " ['mappings', 'schema'], ['mappings', 'show', 'llama-to-mamba'], ['convert', 'x', '--bogus']):\n"
         "    try:\n        app(arguments)\n    except SystemExit:\n        pass\n"
         "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+        "from transformers import AutoConfig\n"  # the deferred registration fires once transformers is imported
+        "print(type(AutoConfig.for_model('xatl')).__name__)\n"
     )
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert process.stdout.strip().splitlines()[-1] == "[]", process.stdout + process.stderr
+    assert process.stdout.strip().splitlines()[-2:] == ["[]", "XatlConfig"], process.stdout + process.stderr
 
 
 def test_usage_line_and_help_name_arguments_plainly() -> None:
