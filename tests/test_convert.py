@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXForCausalLM
 
+from tests.conftest import EXAMPLE_CHECKPOINT
 from xatl_convert.conversion import convert
 from xatl_convert.manifest import read_manifest, transferred_tensor_names
 from xatl_convert.models import XatlForCausalLM
@@ -191,18 +192,28 @@ def test_output_loads_with_trust_remote_code_without_xatl_convert(neox_checkpoin
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
         expected = GPTNeoXForCausalLM.from_pretrained(neox_checkpoint).eval()(ids).logits
+    with_tokenizer = tmp_path / "with-tokenizer"
+    convert(EXAMPLE_CHECKPOINT, with_tokenizer)
     script = f"""
 import sys
 sys.modules["xatl_convert"] = None  # make `import xatl_convert` fail, as where it is not installed
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
     torch.save(model(torch.arange(12).unsqueeze(0)).logits, {str(tmp_path / "logits.pt")!r})
+tokenizer = AutoTokenizer.from_pretrained({str(with_tokenizer)!r}, trust_remote_code=True)
+print(tokenizer("Hello world")["input_ids"])
 """
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Do you wish to run the custom code" not in run.stdout + run.stderr
+    reference = AutoTokenizer.from_pretrained(EXAMPLE_CHECKPOINT)("Hello world")["input_ids"]
+    assert run.stdout.strip().splitlines()[-1] == str(reference)
     logits = torch.load(tmp_path / "logits.pt")
     assert (logits - expected).abs().max() <= 1e-4
 

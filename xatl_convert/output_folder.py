@@ -174,13 +174,14 @@ def _check_free_space(folder: Path, needed_bytes: int, out: str | Path) -> None:
         return  # unknown: the write itself will tell
     if needed_bytes > free:
         raise OutputWriteError(
-            f"{out}: needs {_gib(needed_bytes)} of weights but {folder} has {_gib(free)} free; "
+            f"{out}: needs {_gib(needed_bytes)} (weights and tokenizer) but {folder} has {_gib(free)} free; "
             "free some space or choose another --out"
         )
 
 
 def _gib(count: int) -> str:
-    return f"{count / 1024**3:,.2f} GiB"
+    """Bytes in GiB, with enough digits that a shortfall of a few MiB does not print as 'needs 0.26, has 0.26'."""
+    return f"{count / 1024**3:,.3f} GiB"
 
 
 def _move_into_place(staging: Path, location: Path, out: str | Path, force: bool) -> None:

@@ -93,7 +93,8 @@ def write_output(
     """
     out = Path(out)
     refuse_unsafe_output(out, protected_paths(plan))
-    with sigterm_as_interrupt(), staged_output(out, force, plan.total_bytes()) as staging:
+    needed = plan.total_bytes() + sum(file.stat().st_size for file in plan.source.tokenizer_files())
+    with sigterm_as_interrupt(), staged_output(out, force, needed) as staging:
         try:
             _write_folder(plan, staging, max_shard_bytes, command_line, show_progress)
         except (OSError, SafetensorError) as error:
@@ -153,13 +154,14 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
-    """'model.safetensors: No space left on device', naming the file inside OUT where the OS names one."""
+    """'model.safetensors: No space left on device', naming the file inside OUT where the OS names one (a copy's
+    error names its source first and its destination second)."""
     reason = (error.strerror if isinstance(error, OSError) else None) or first_line(error)
-    filename = getattr(error, "filename", None)
-    if filename:
-        with contextlib.suppress(ValueError):
-            return f"{Path(filename).relative_to(staging)}: {reason}"
-    return reason
+    for filename in (getattr(error, "filename2", None), getattr(error, "filename", None)):
+        if filename:
+            with contextlib.suppress(ValueError):
+                return f"{Path(filename).relative_to(staging)}: {reason}"
+    return f"files: {reason}"
 
 
 def _make_readable_like_other_files(path: Path) -> None:
