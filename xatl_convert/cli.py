@@ -138,7 +138,6 @@ mappings_app = typer.Typer(
 app.add_typer(mappings_app, name="mappings")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-TARGETS = LCI_MIXERS
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 _PRESET_HELP = "; ".join(f"{name}: {text}" for name, text in PRESETS.items())
 
@@ -203,7 +202,7 @@ def convert_command(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output folder (written atomically).")
     ] = None,
-    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
     revision: Annotated[
         str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit (same as SRC@REV).")
     ] = None,
@@ -404,7 +403,7 @@ def mappings_show(
 @mappings_app.command("new", cls=PlainUsageCommand)
 def mappings_new(
     source: Annotated[str, typer.Option(metavar="SRC", help="Checkpoint to scaffold from (folder, Hub id or alias).")],
-    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(TARGETS)}.")] = "mamba",
+    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout.")] = None,
 ) -> None:
     """Scaffold a mapping from a source's tensor inventory: {i} rules, recognised names filled in, TODOs marked."""

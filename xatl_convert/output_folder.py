@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import shutil
 from collections.abc import Iterator
@@ -156,12 +157,8 @@ def _output_lock(location: Path, out: str | Path) -> Iterator[None]:
 def _remove_stale_staging(location: Path) -> None:
     """Remove staging and retired folders of earlier runs that were killed (we hold the lock: none is running)."""
     for tag in (PARTIAL_TAG, RETIRED_TAG):
-        for leftover in location.parent.glob(f".{_glob_escape(location.name)}{tag}*"):
+        for leftover in location.parent.glob(f".{glob.escape(location.name)}{tag}*"):
             _remove(leftover)
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{char}]" if char in "*?[" else char for char in name)
 
 
 def _check_free_space(folder: Path, needed_bytes: int, out: str | Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
@@ -74,12 +75,12 @@ def dropped_table(plan: ConversionPlan, per_tensor: bool = False) -> Table:
     return table
 
 
+@dataclass
 class _FoldedRow:
     """The layers one folded row covers, and their bytes together."""
 
-    def __init__(self) -> None:
-        self.layers: list[int | None] = []
-        self.nbytes = 0
+    layers: list[int | None] = field(default_factory=list)
+    nbytes: int = 0
 
 
 def _fold(name: str, per_tensor: bool, layer: int | None = None) -> tuple[int | None, str]:

@@ -42,6 +42,7 @@ from xatl_convert.output_folder import refuse_unsafe_output, staged_output
 from xatl_convert.plan import ConversionPlan, PlannedTensor
 
 SINGLE_SHARD_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 MODELING_FILES = ("configuration_xatl.py", "modeling_xatl.py")
@@ -128,6 +129,8 @@ def _write_folder(
         _write_json(staging / SHARD_INDEX_NAME, _shard_index(shards))
     manifest = build_manifest(plan, command_line)
     _write_config(plan, staging)
+    for shard in shards:  # safetensors writes mode 600; give weights the mode the umask gave config.json
+        shutil.copymode(staging / CONFIG_NAME, staging / shard.file)
     for file in plan.source.tokenizer_files():
         shutil.copyfile(file, staging / file.name)
     _name_tokenizer_class(staging)
@@ -150,7 +153,6 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-    _make_readable_like_other_files(path)
 
 
 def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
@@ -162,13 +164,6 @@ def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
             with contextlib.suppress(ValueError):
                 return f"{Path(filename).relative_to(staging)}: {reason}"
     return f"files: {reason}"
-
-
-def _make_readable_like_other_files(path: Path) -> None:
-    """safetensors writes weights with mode 600; give them the mode every other output file gets (umask applied)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
 
 
 def _name_tokenizer_class(folder: Path) -> None:
