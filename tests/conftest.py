@@ -28,7 +28,7 @@ VERIFY_CHECK_NAMES = [
     "transfers exact",
     "logits finite",
     "loss vs from-scratch",
-    "all-attention logits = source",
+    "source twin = source",
     "incremental decoding = full forward",
 ]
 

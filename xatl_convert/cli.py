@@ -319,8 +319,21 @@ def verify_command(
             help="auto, cpu or cuda. On CUDA with mamba-ssm, kernels are checked against the reference.",
         ),
     ] = "auto",
+    layers: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Check the first N blocks only (quick CI); skips the whole-model checks."),
+    ] = None,
+    text: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Score this UTF-8 text (the output's tokenizer) instead of the sample."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to run.")] = 256,
+    precision: Annotated[
+        str, typer.Option(metavar="P", help="float32, or float64 to tell a logic error from rounding.")
+    ] = "float32",
 ) -> None:
-    """Check a converted model: tensors, exact transfers, forward pass, losses, decoding. Exit 1 if a check fails."""
+    """Check a converted model block by block, in bounded memory: tensors, exact transfers, forward pass, losses,
+    the source twin, decoding. Exit 1 if a check fails."""
     if not (output / "xatl_manifest.json").is_file():
         raise XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?")
     from xatl_convert.tables import verify_table
@@ -331,7 +344,7 @@ def verify_command(
         check_report_destination(json_path)  # fail before minutes of checks, not after
 
     _quiet_transformers()
-    report = run_verify(output, source, seed, device)
+    report = run_verify(output, source, seed, device, layers, text, max_tokens, precision)
     _console().print(verify_table(report))
     if json_path is not None:
         report.write_json(json_path)

@@ -74,11 +74,15 @@ class PlannedTensor:
 
     @property
     def init_unit(self) -> str:
-        """The module that initialises this tensor as a whole (a layer's mixer, MLP or norm; else the owner)."""
-        parts = self.name.split(".")
-        if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers":
-            return ".".join(parts[:4])
-        return ".".join(parts[:-1])
+        return init_unit(self.name)
+
+
+def init_unit(name: str) -> str:
+    """The module that initialises a target tensor as a whole (a layer's mixer, MLP or norm; else the owner)."""
+    parts = name.split(".")
+    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers":
+        return ".".join(parts[:4])
+    return ".".join(parts[:-1])
 
 
 @dataclass

@@ -217,12 +217,12 @@ class TensorProducer:
 
     def _require_finite(self, planned: PlannedTensor, result: torch.Tensor) -> None:
         """A NaN or Inf in a transferred weight breaks every forward pass: name the source tensor, or the cast."""
-        if not result.is_floating_point() or _all_finite(result):
+        if not result.is_floating_point() or all_finite(result):
             return
         names = list(planned.sources) + [name for part in planned.parts for name in part.sources]
         for name in names:
             source = self.plan.source.read(name)
-            if source.is_floating_point() and not _all_finite(source):
+            if source.is_floating_point() and not all_finite(source):
                 info = self.plan.source.tensors[name]
                 raise SourceError(
                     f"{self.plan.source.path / info.file}: tensor {name!r} holds NaN or Inf values; "
@@ -247,7 +247,7 @@ class TensorProducer:
         return self._skeleton
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """Whether no value is NaN or ±Inf, from the extremes: aminmax propagates NaN and allocates nothing, where
     isfinite would allocate a flag per value (measured: 14x faster on 100M floats, and no extra memory)."""
     if tensor.numel() == 0:

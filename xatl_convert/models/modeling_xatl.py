@@ -76,6 +76,12 @@ def reference_path() -> Iterator[None]:
         _FORCE_REFERENCE = previous
 
 
+def _kernel_inputs(hidden_states: torch.Tensor) -> bool:
+    """Whether the CUDA kernels may take these inputs: CUDA, not float64 (which they do not support), and not
+    inside `reference_path()`."""
+    return hidden_states.is_cuda and hidden_states.dtype != torch.float64 and not _FORCE_REFERENCE
+
+
 def selective_scan_reference(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -95,26 +101,34 @@ def selective_scan_reference(
     discretisation is vectorised over the sequence, only the recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t
     loops over time. Returns y (batch, d, L) in u's dtype, and with `return_last_state` also the final state h_L
     (batch, d, n) in fp32. `initial_state` (batch, d, n), an extension of ours, is h_0 (zeros when None).
+    float64 inputs are computed in float64 (see `compute_dtype`).
     """
     dtype_in = u.dtype
-    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    ct = compute_dtype(u)
+    u, delta, B, C = u.to(ct), delta.to(ct), B.to(ct), C.to(ct)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    delta_A = torch.exp(delta.unsqueeze(-1) * A.float()[:, None, :])  # (b, d, L, n)
+    delta_A = torch.exp(delta.unsqueeze(-1) * A.to(ct)[:, None, :])  # (b, d, L, n)
     delta_B_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.float()
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(ct)
     ys = []
     for t in range(u.shape[-1]):
         h = delta_A[:, :, t] * h + delta_B_u[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + u * D.float()[:, None]
+        y = y + u * D.to(ct)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(ct))
     return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the scans, steps and gated norm compute in: fp32 for 16- and 32-bit inputs, as mamba-ssm does,
+    and float64 for float64 inputs, so that a float64 run separates a logic error from rounding."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +167,7 @@ def ssd_chunk_scan_reference(
     """
     batch, length, heads, _ = x.shape
     dtype_in = x.dtype
-    ct = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+    ct = compute_dtype(x)
     dt = dt.to(ct)
     if dt_bias is not None:
         dt = dt + dt_bias.to(ct)
@@ -330,6 +344,14 @@ def new_cache(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def causal_attention_mask(past: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, 1, length, past + length) boolean mask for `length` new tokens after `past` cached ones: each query
+    sees every cached key and the new keys up to its own position. True = may attend."""
+    query_pos = torch.arange(past, past + length, device=device)[:, None]
+    key_pos = torch.arange(past + length, device=device)[None, :]
+    return (key_pos <= query_pos)[None, None]
+
+
 class XatlRMSNorm(nn.Module):
     """RMSNorm computed in fp32, exactly as transformers' Llama does it."""
 
@@ -360,13 +382,13 @@ class XatlGatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x, gate = hidden_states.float(), F.silu(gate.float())
+        dtype, ct = hidden_states.dtype, compute_dtype(hidden_states)
+        x, gate = hidden_states.to(ct), F.silu(gate.to(ct))
         if not self.norm_before_gate:
             x = x * gate
         groups = x.unflatten(-1, (-1, self.group_size))
         x = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        x = x * self.weight.float()
+        x = x * self.weight.to(ct)
         if self.norm_before_gate:
             x = x * gate
         return x.to(dtype)
@@ -600,7 +622,7 @@ class XatlMamba(nn.Module):
         """
         length = hidden_states.shape[1]
         fresh = cache is None or cache.seen_tokens == 0  # no earlier state: the kernels apply
-        kernels = _mamba_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
+        kernels = _mamba_kernels() if _kernel_inputs(hidden_states) else None
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         conv_kernel = kernels[0] if kernels is not None else None
         x = _short_conv(x, self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
@@ -608,18 +630,19 @@ class XatlMamba(nn.Module):
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); the bias is added in the scan
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, d_state, L)
-        A = -torch.exp(self.A_log.float())
+        ct = compute_dtype(x)
+        A = -torch.exp(self.A_log.to(ct))
         if cache is not None and length == 1:  # mamba-ssm's Mamba.step
             ssm_state = cache.ssm_states[self.layer_idx]
-            delta = F.softplus(dt[..., 0].float() + self.dt_proj.bias.float())  # (b, d_inner)
-            u = x[..., 0].float()
-            h = ssm_state.float() * torch.exp(delta[..., None] * A)
-            h = h + (delta * u)[..., None] * B[..., 0].float()[:, None]
-            y = torch.einsum("bdn,bn->bd", h, C[..., 0].float()) + self.D.float() * u
-            y = (y * F.silu(z[..., 0].float())).to(x.dtype)[..., None]
+            delta = F.softplus(dt[..., 0].to(ct) + self.dt_proj.bias.to(ct))  # (b, d_inner)
+            u = x[..., 0].to(ct)
+            h = ssm_state.to(ct) * torch.exp(delta[..., None] * A)
+            h = h + (delta * u)[..., None] * B[..., 0].to(ct)[:, None]
+            y = torch.einsum("bdn,bn->bd", h, C[..., 0].to(ct)) + self.D.to(ct) * u
+            y = (y * F.silu(z[..., 0].to(ct))).to(x.dtype)[..., None]
             cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
             return self.out_proj(y.transpose(1, 2))
-        scan_kwargs: dict[str, Any] = {"z": z, "delta_bias": self.dt_proj.bias.float(), "delta_softplus": True}
+        scan_kwargs: dict[str, Any] = {"z": z, "delta_bias": self.dt_proj.bias.to(ct), "delta_softplus": True}
         if cache is not None:
             scan_kwargs["return_last_state"] = True
         if kernels is not None and fresh:
@@ -628,7 +651,7 @@ class XatlMamba(nn.Module):
             scan = selective_scan_reference
             if not fresh:
                 scan_kwargs["initial_state"] = cache.ssm_states[self.layer_idx]
-        y = scan(x, dt, A, B, C, self.D.float(), **scan_kwargs)
+        y = scan(x, dt, A, B, C, self.D.to(ct), **scan_kwargs)
         if cache is not None:
             y, last_state = y
             cache.ssm_states[self.layer_idx] = last_state.to(cache.ssm_states[self.layer_idx].dtype)
@@ -672,7 +695,7 @@ class XatlMamba2(nn.Module):
         """As `XatlMamba.forward`: padding zeroed; with a cache, one token takes mamba-ssm's Mamba2.step."""
         b, length, _ = hidden_states.shape
         fresh = cache is None or cache.seen_tokens == 0
-        kernels = _mamba2_kernels() if hidden_states.is_cuda and not _FORCE_REFERENCE else None
+        kernels = _mamba2_kernels() if _kernel_inputs(hidden_states) else None
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         conv_kernel = kernels[0] if kernels is not None else None
         xBC = _short_conv(xBC.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
@@ -681,17 +704,18 @@ class XatlMamba2(nn.Module):
         x = x.reshape(b, length, self.nheads, self.headdim)
         B = B.reshape(b, length, self.ngroups, self.d_state)
         C = C.reshape(b, length, self.ngroups, self.d_state)
-        A = -torch.exp(self.A_log.float())
+        ct = compute_dtype(x)
+        A = -torch.exp(self.A_log.to(ct))
 
         if cache is not None and length == 1:  # mamba-ssm's Mamba2.step: h = exp(dt A) h + dt x Bᵀ, y = h C + D x
             ssm_state = cache.ssm_states[self.layer_idx]  # (b, nheads, headdim, d_state)
             rep = self.nheads // self.ngroups
-            B1, C1 = (t[:, 0].float().repeat_interleave(rep, dim=1) for t in (B, C))  # (b, nheads, d_state)
-            delta = F.softplus(dt[:, 0].float() + self.dt_bias.float())  # (b, nheads)
-            u = x[:, 0].float()  # (b, nheads, headdim)
-            h = ssm_state.float() * torch.exp(delta * A)[..., None, None]
+            B1, C1 = (t[:, 0].to(ct).repeat_interleave(rep, dim=1) for t in (B, C))  # (b, nheads, d_state)
+            delta = F.softplus(dt[:, 0].to(ct) + self.dt_bias.to(ct))  # (b, nheads)
+            u = x[:, 0].to(ct)  # (b, nheads, headdim)
+            h = ssm_state.to(ct) * torch.exp(delta * A)[..., None, None]
             h = h + (delta[..., None] * u)[..., None] * B1[:, :, None, :]
-            y = torch.einsum("bhpn,bhn->bhp", h, C1) + self.D.float()[:, None] * u
+            y = torch.einsum("bhpn,bhn->bhp", h, C1) + self.D.to(ct)[:, None] * u
             cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
             y = y.to(x.dtype)[:, None]
         else:
@@ -733,6 +757,20 @@ class XatlBlock(GradientCheckpointingLayer):
         self.mlp_norm = _make_norm(config)
         self.mlp = XatlMLP(config)
 
+    def mix(
+        self,
+        normed: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
+    ) -> torch.Tensor:
+        """The mixer's output for already-normed inputs: the only part of a block that a cache changes, which is
+        what verify's incremental-decoding check compares, free of the residual stream."""
+        if self.layer_type == "attention":
+            return self.mixer(normed, position_embeddings, attn_mask, cache=cache)
+        return self.mixer(normed, padding_mask, cache=cache)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -741,11 +779,7 @@ class XatlBlock(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
-        normed = self.input_norm(hidden_states)
-        if self.layer_type == "attention":
-            mixed = self.mixer(normed, position_embeddings, attn_mask, cache=cache)
-        else:
-            mixed = self.mixer(normed, padding_mask, cache=cache)
+        mixed = self.mix(self.input_norm(hidden_states), position_embeddings, attn_mask, padding_mask, cache)
         if self.parallel_residual:
             return hidden_states + mixed + self.mlp(self.mlp_norm(hidden_states))
         hidden_states = hidden_states + mixed
@@ -918,10 +952,10 @@ class XatlModel(XatlPreTrainedModel):
         attn_mask = None
         padding_mask = None
         if attention_mask is not None or (past > 0 and length > 1):
-            query_pos = torch.arange(past, total, device=device)[:, None]
-            key_pos = torch.arange(total, device=device)[None, :]
-            attn_mask = (key_pos <= query_pos)[None, None]  # causal, offset by the tokens already seen
+            attn_mask = causal_attention_mask(past, length, device)
             if attention_mask is not None:
+                query_pos = torch.arange(past, total, device=device)[:, None]
+                key_pos = torch.arange(total, device=device)[None, :]
                 padding_mask = attention_mask[:, -length:]
                 attn_mask = attn_mask & attention_mask.bool()[:, None, None, :]
                 # Let every query see itself, so fully padded rows give finite (ignored) outputs instead of NaN.
@@ -1053,7 +1087,9 @@ __all__ = [
     "XatlModel",
     "XatlPreTrainedModel",
     "XatlRMSNorm",
+    "causal_attention_mask",
     "compute_default_rope_parameters",
+    "compute_dtype",
     "init_xatl_weights",
     "kernels_available",
     "new_cache",

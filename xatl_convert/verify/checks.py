@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,48 +23,69 @@ from xatl_convert.json_files import read_json
 from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
+from xatl_convert.sources.checkpoint import open_checkpoint
 from xatl_convert.transforms import parse_transform
+from xatl_convert.verify.passes import Run, next_token_loss, uniform_loss
+from xatl_convert.verify.readers import CheckpointTensors
 from xatl_convert.verify.report import CheckResult, VerifyReport
+from xatl_convert.verify.streaming import StreamedModel
+from xatl_convert.verify.twin import run_twin
+from xatl_convert.writer import all_finite
 
 SAMPLE_TOKENS = 256
-LOGITS_TOLERANCE = 1e-4
-DECODE_TOKENS = 48  # tokens of the sample that the incremental-decoding check walks through
-PREFILL_TOKENS = 16
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
-def verify(output: str | Path, source: str | Path | None = None, seed: int = 0, device: str = "auto") -> VerifyReport:
+def verify(
+    output: str | Path,
+    source: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    layers: int | None = None,
+    text: str | Path | None = None,
+    max_tokens: int = SAMPLE_TOKENS,
+    precision: str = "float32",
+) -> VerifyReport:
     """Run every check that applies to a converted folder (and its source, when given or recorded).
 
-    device: "cpu", "cuda", or "auto" (CUDA when available). On CUDA with mamba-ssm importable, each LCI mixer's
-    kernel path is also checked against its reference path.
+    Streamed: no model is ever held whole (see `streaming`). device: "cpu", "cuda", or "auto" (CUDA when
+    available); on CUDA with mamba-ssm importable, each LCI mixer's kernel path is also checked against its
+    reference path. layers: check only the first N blocks (quick CI); the checks that need the logits of the whole
+    model are then skipped. text: a UTF-8 file to score instead of the built-in sample (its first `max_tokens`
+    tokens). precision: "float32" (the default, whatever the checkpoint's dtype) or "float64", which separates a
+    logic error from rounding.
     """
     output = Path(output)
     target = resolve_device(device)
+    dtype = _precision(precision)
     # everything a user can get wrong is read and validated here, before any model is built
     manifest = read_manifest(output)
     config = read_output_config(output)
+    layers = _layer_limit(layers, config.num_hidden_layers)
     recorded = source is None
     source, no_source = _choose_source(manifest, source)
     report = VerifyReport(output=str(output), source=str(source) if source is not None else None)
     with ExitStack() as stack:
-        tensors = _open_output_tensors(output, stack)
+        tensors = stack.enter_context(open_output_tensors(output))
         _check_config_fits_weights(output, config, tensors)
         checkpoint = stack.enter_context(_open_source(source, recorded)) if source is not None else None
+        input_ids = sample_input_ids(output, config, text, max_tokens).to(target)
+        report.sample = {"tokens": int(input_ids.shape[1]), "text": str(text) if text is not None else "built-in"}
         report.checks.append(check_tensors_as_planned(manifest, tensors))
         if checkpoint is not None:
             report.checks.append(check_transfers_exact(manifest, tensors, checkpoint))
         else:  # listed all the same: a check left out would read as one that passed
             report.checks.append(_skipped("transfers exact", "bit-for-bit", no_source))
-    source_path = checkpoint.path if checkpoint is not None else None  # resolved once (a Hub id costs a request)
-    model = _load_converted(output).to(target)
-    input_ids = sample_input_ids(output, model.config).to(target)
-    report.checks.append(check_logits_finite(model, input_ids))
-    reference = _load_source_model(source_path).to(target) if source_path is not None else None
-    report.checks.append(check_loss_against_scratch(model, input_ids, seed, reference))
-    report.checks.append(check_attention_reproduces_source(model, input_ids, reference, no_source))
-    report.checks.append(check_incremental_decoding(model, input_ids))
-    if target.type == "cuda":
-        report.checks.extend(check_kernels_against_reference(model))
+        run = Run(config, input_ids, dtype, target, layers)
+        converted = run.converted(tensors)
+        report.checks.append(check_logits_finite(converted.logits, run))
+        scratch_loss = run.scratch_loss(seed) if converted.logits is not None else None
+        twin = run_twin(run, manifest, checkpoint, no_source or "no source given", converted.logits)
+        report.checks.append(check_loss_against_scratch(converted.logits, scratch_loss, twin.source_logits, run))
+        report.checks.append(twin.result)
+        report.checks.append(check_incremental_decoding(converted.decode_errors, run))
+        if target.type == "cuda":
+            report.checks.extend(check_kernels_against_reference(run, tensors))
     return report
 
 
@@ -78,19 +100,37 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_tensors_as_planned(manifest: dict[str, Any], tensors: dict[str, Any]) -> CheckResult:
-    """(a) Every planned tensor is present with its planned shape and dtype, and every value is finite."""
+def _precision(precision: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise XatlError(f"--precision {precision!r}: expected {' or '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def _layer_limit(layers: int | None, total: int) -> int | None:
+    """--layers N: None (all) when N covers the model; an error when N is not a count of blocks."""
+    if layers is None:
+        return None
+    if layers < 1:
+        raise XatlError(f"--layers {layers}: expected a number of blocks from 1 to {total}")
+    return layers if layers < total else None
+
+
+def check_tensors_as_planned(manifest: dict[str, Any], tensors: SourceCheckpoint) -> CheckResult:
+    """(a) Every planned tensor is present with its planned shape and dtype, and every value is finite.
+
+    Shapes and dtypes come from the safetensors headers; values are read one tensor at a time.
+    """
     problems: list[str] = []
     for name, entry in manifest["tensors"].items():
-        if name not in tensors:
+        info = tensors.tensors.get(name)
+        if info is None:
             problems.append(f"{name}: missing")
             continue
-        tensor = tensors[name]
-        if list(tensor.shape) != entry["shape"] or str(tensor.dtype).removeprefix("torch.") != entry["dtype"]:
-            problems.append(f"{name}: {list(tensor.shape)} {tensor.dtype}, planned {entry['shape']} {entry['dtype']}")
-        elif tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if list(info.shape) != entry["shape"] or str(info.dtype).removeprefix("torch.") != entry["dtype"]:
+            problems.append(f"{name}: {list(info.shape)} {info.dtype}, planned {entry['shape']} {entry['dtype']}")
+        elif info.dtype.is_floating_point and not all_finite(tensors.read(name)):
             problems.append(f"{name}: non-finite values")
-    extra = sorted(set(tensors) - set(manifest["tensors"]))
+    extra = sorted(set(tensors.tensors) - set(manifest["tensors"]))
     problems += [f"{name}: not in the plan" for name in extra]
     return CheckResult(
         name="tensors as planned",
@@ -101,7 +141,7 @@ def check_tensors_as_planned(manifest: dict[str, Any], tensors: dict[str, Any]) 
     )
 
 
-def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], source: SourceCheckpoint) -> CheckResult:
+def check_transfers_exact(manifest: dict[str, Any], tensors: SourceCheckpoint, source: SourceCheckpoint) -> CheckResult:
     """(b) Every transferred tensor (and every transferred row block) equals its sources after the recorded
     transform, bit for bit.
 
@@ -117,7 +157,7 @@ def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], sou
         for rows, piece in pieces:
             checked += 1
             label = name if rows is None else f"{name}[{piece['part']}]"
-            if name not in tensors:
+            if name not in tensors.tensors:
                 problems.append(f"{label}: missing from the output")
                 continue
             try:
@@ -128,7 +168,7 @@ def check_transfers_exact(manifest: dict[str, Any], tensors: dict[str, Any], sou
             except (RuntimeError, IndexError) as error:  # torch: the source tensor no longer fits the transform
                 problems.append(f"{label}: cannot apply {piece['transform']} to the source: {first_line(error)}")
                 continue
-            actual = tensors[name] if rows is None else tensors[name][rows[0] : rows[1]]
+            actual = tensors.read(name) if rows is None else tensors.read(name)[rows[0] : rows[1]]
             if not torch.equal(expected.to(actual.dtype), actual):
                 mismatched.append(label)
     failed = len(mismatched) + len(problems)
@@ -146,107 +186,99 @@ def _skipped(name: str, bound: str, reason: str | None) -> CheckResult:
     return CheckResult(name, "skip", reason or "", bound, {"reason": reason})
 
 
-def check_logits_finite(model: XatlForCausalLM, input_ids: torch.Tensor) -> CheckResult:
-    """(c) A forward pass over the sample gives finite logits."""
-    with torch.no_grad():
-        logits = model(input_ids).logits
+def check_logits_finite(logits: torch.Tensor | None, run: Run) -> CheckResult:
+    """(c) The converted model's forward pass over the sample gives finite logits."""
+    name, bound = "logits finite", "all finite"
+    if logits is None:
+        return _skipped(name, bound, _partial(run))
     finite = bool(torch.isfinite(logits).all())
     return CheckResult(
-        name="logits finite",
+        name=name,
         status="pass" if finite else "fail",
         value=f"{tuple(logits.shape)}, max |logit| {logits.abs().max().item():.3g}",
-        bound="all finite",
+        bound=bound,
     )
+
+
+def _partial(run: Run) -> str:
+    return f"--layers {run.layers}: the first {run.layers} of {run.config.num_hidden_layers} blocks only"
 
 
 def check_loss_against_scratch(
-    model: XatlForCausalLM, input_ids: torch.Tensor, seed: int, reference: torch.nn.Module | None
+    logits: torch.Tensor | None, scratch_loss: float | None, source_logits: torch.Tensor | None, run: Run
 ) -> CheckResult:
     """(d) Sample loss of the converted model beside a from-scratch model of the same config (and the source)."""
-    losses = {"converted": _loss(model, input_ids)}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        scratch = XatlForCausalLM(XatlConfig.from_dict(model.config.to_dict())).eval()
-    losses["from_scratch"] = _loss(scratch, input_ids)
-    if reference is not None:
-        losses["source"] = _loss(reference, input_ids)
+    name, bound = "loss vs from-scratch", "finite (reported, not compared)"
+    if logits is None or scratch_loss is None:
+        return _skipped(name, bound, _partial(run))
+    losses = {"converted": next_token_loss(logits, run.input_ids), "from_scratch": scratch_loss}
+    if source_logits is not None:
+        losses["source"] = next_token_loss(source_logits, run.input_ids)
     finite = all(math.isfinite(value) for value in losses.values())
     value = ", ".join(f"{key} {loss:.3f}" for key, loss in losses.items())
     return CheckResult(
-        name="loss vs from-scratch",
+        name=name,
         status="pass" if finite else "fail",
         value=value,
-        bound="finite (reported, not compared)",
-        details={"losses": losses, "uniform": math.log(model.config.vocab_size)},
+        bound=bound,
+        details={"losses": losses, "uniform": uniform_loss(run.config), "tokens": int(run.input_ids.shape[1])},
     )
 
 
-def check_attention_reproduces_source(
-    model: XatlForCausalLM, input_ids: torch.Tensor, reference: torch.nn.Module | None, no_source: str | None = None
-) -> CheckResult:
-    """(e) With every layer kept as attention, the logits equal the source model's (transformers' own class)."""
-    name, bound = "all-attention logits = source", f"max abs diff ≤ {LOGITS_TOLERANCE:g}"
-    if any(kind != "attention" for kind in model.config.layer_types):
-        return CheckResult(name, "skip", "LCI layers present", bound)
-    if reference is None:
-        return _skipped(name, bound, no_source or "no source given")
-    with torch.no_grad():
-        difference = (model(input_ids).logits - reference(input_ids).logits).abs().max().item()
-    passed = difference <= LOGITS_TOLERANCE
-    return CheckResult(name, "pass" if passed else "fail", f"{difference:.2e}", bound, {"max_abs_diff": difference})
-
-
-def check_incremental_decoding(model: XatlForCausalLM, input_ids: torch.Tensor) -> CheckResult:
-    """(f) Prefill, then one token at a time through the cache: the logits equal one full forward's."""
-    ids = input_ids[:, :DECODE_TOKENS]
-    prefill = min(PREFILL_TOKENS, ids.shape[1] - 1)
-    with torch.no_grad():
-        full = model(ids).logits
-        out = model(ids[:, :prefill], use_cache=True)
-        steps = [out.logits]
-        for position in range(prefill, ids.shape[1]):
-            out = model(ids[:, position : position + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits)
-    difference = (torch.cat(steps, dim=1) - full).abs().max().item()
+def check_incremental_decoding(errors: list[float], run: Run) -> CheckResult:
+    """(f) In every block: prefill, a cached chunk, then one token at a time equal one full pass (per mixer)."""
+    limit = run.bounds.decode
+    bound = f"per layer, relative ≤ {limit:g}"
+    details: dict[str, Any] = {"per_layer": errors, "layer_types": run.config.layer_types[: len(errors)]}
+    if not errors:
+        return CheckResult("incremental decoding = full forward", "skip", "no blocks run", bound, details)
+    failing = next((i for i, error in enumerate(errors) if not error <= limit), None)
+    worst = max(range(len(errors)), key=lambda i: errors[i])
+    details["worst"] = {"where": f"layer {worst}", "error": errors[worst]}
+    if failing is not None:
+        details["first_divergence"] = {"where": f"layer {failing}", "error": errors[failing]}
+        kind = run.config.layer_types[failing]
+        value = f"diverges at layer {failing} ({kind}): {errors[failing]:.2e}"
+    else:
+        value = f"worst layer {worst}: {errors[worst]:.1e}"
     return CheckResult(
-        name="incremental decoding = full forward",
-        status="pass" if difference <= LOGITS_TOLERANCE else "fail",
-        value=f"{difference:.2e} over {ids.shape[1] - prefill} steps",
-        bound=f"max abs diff ≤ {LOGITS_TOLERANCE:g}",
-        details={"max_abs_diff": difference, "prefill": prefill, "steps": ids.shape[1] - prefill},
+        "incremental decoding = full forward", "fail" if failing is not None else "pass", value, bound, details
     )
 
 
-def check_kernels_against_reference(model: XatlForCausalLM) -> list[CheckResult]:
+def check_kernels_against_reference(run: Run, tensors: SourceCheckpoint) -> list[CheckResult]:
     """(g) On CUDA: each LCI mixer type's kernel path against its reference path, in fp32 and bf16, timed."""
     from xatl_convert.models.modeling_xatl import kernels_available, reference_path
 
+    config = run.config
     results = []
-    for kind in sorted(set(model.config.layer_types) - {"attention"}):
+    stream = StreamedModel(run.xatl_skeleton(), CheckpointTensors(tensors), config.num_hidden_layers, run.device)
+    for kind in sorted(set(config.layer_types) - {"attention"}):
         name = f"{kind} kernels = reference"
         if not kernels_available(kind):
             results.append(CheckResult(name, "skip", "mamba-ssm / causal-conv1d not importable", "—"))
             continue
-        mixer = next(layer.mixer for layer in model.model.layers if layer.layer_type == kind)
-        for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
-            generator = torch.Generator(device="cuda").manual_seed(0)
-            hidden = torch.randn(2, 512, model.config.hidden_size, device="cuda", generator=generator, dtype=dtype)
-            module = mixer.to(dtype)
-            with torch.no_grad():
-                kernel_out, kernel_ms = _timed_cuda(module, hidden)
-                with reference_path():
-                    reference_out, reference_ms = _timed_cuda(module, hidden)
-            error = ((kernel_out.float() - reference_out.float()).norm() / reference_out.float().norm()).item()
-            results.append(
-                CheckResult(
-                    f"{name} ({str(dtype).removeprefix('torch.')})",
-                    "pass" if error <= bound else "fail",
-                    f"rel. error {error:.1e}; kernel {kernel_ms:.2f} ms, reference {reference_ms:.2f} ms",
-                    f"≤ {bound:g}",
-                    {"relative_error": error, "kernel_ms": kernel_ms, "reference_ms": reference_ms},
+        index = config.layer_types.index(kind)
+        with stream.loaded(f"model.layers.{index}") as block:
+            mixer = block.mixer
+            for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+                generator = torch.Generator(device="cuda").manual_seed(0)
+                hidden = torch.randn(2, 512, config.hidden_size, device="cuda", generator=generator, dtype=dtype)
+                module = mixer.to(dtype)
+                with torch.no_grad():
+                    kernel_out, kernel_ms = _timed_cuda(module, hidden)
+                    with reference_path():
+                        reference_out, reference_ms = _timed_cuda(module, hidden)
+                error = ((kernel_out.float() - reference_out.float()).norm() / reference_out.float().norm()).item()
+                results.append(
+                    CheckResult(
+                        f"{name} ({str(dtype).removeprefix('torch.')})",
+                        "pass" if error <= bound else "fail",
+                        f"rel. error {error:.1e}; kernel {kernel_ms:.2f} ms, reference {reference_ms:.2f} ms",
+                        f"≤ {bound:g}",
+                        {"relative_error": error, "kernel_ms": kernel_ms, "reference_ms": reference_ms},
+                    )
                 )
-            )
-        mixer.to(torch.float32)
     return results
 
 
@@ -260,22 +292,41 @@ def _timed_cuda(module: torch.nn.Module, hidden: torch.Tensor, repeats: int = 5)
     return result, 1000 * (time.perf_counter() - start) / repeats
 
 
-def sample_input_ids(folder: Path, config: XatlConfig) -> torch.Tensor:
-    """The shipped sample text through the folder's tokenizer; fixed random ids when there is no tokenizer."""
-    length = min(SAMPLE_TOKENS, config.max_position_embeddings)
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+def sample_input_ids(
+    folder: Path, config: XatlConfig, text: str | Path | None = None, max_tokens: int = SAMPLE_TOKENS
+) -> torch.Tensor:
+    """The text to score through the folder's tokenizer: the user's `text` file, else the shipped sample; fixed
+    random ids when there is no tokenizer (and no text file). At most `max_tokens` tokens."""
+    if max_tokens < 2:
+        raise XatlError(f"--max-tokens {max_tokens}: expected at least 2 (one token to predict the next)")
+    length = min(max_tokens, config.max_position_embeddings)
+    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    if text is not None:
+        if not has_tokenizer:
+            raise OutputError(f"{folder}: has no tokenizer to read --text {text} with; convert again")
+        ids = _load_tokenizer(folder)(_read_text(Path(text)), return_tensors="pt").input_ids[:, :length]
+        if ids.shape[1] < 2:
+            raise XatlError(f"--text {text}: {ids.shape[1]} token(s); at least 2 are needed to score a text")
+        if int(ids.max()) >= config.vocab_size:
+            raise OutputError(f"{folder}: the tokenizer gives ids beyond vocab_size {config.vocab_size}")
+        return ids
+    if has_tokenizer:
         tokenizer = _load_tokenizer(folder)
-        text = resources.files("xatl_convert.verify").joinpath("sample.txt").read_text()
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :length]
+        sample = resources.files("xatl_convert.verify").joinpath("sample.txt").read_text()
+        ids = tokenizer(sample, return_tensors="pt").input_ids[:, :length]
         if ids.shape[1] >= 2 and int(ids.max()) < config.vocab_size:
             return ids
     generator = torch.Generator().manual_seed(0)
     return torch.randint(0, config.vocab_size, (1, length), generator=generator)
 
 
-def _loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(model(input_ids, labels=input_ids).loss)
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise XatlError(f"--text {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise XatlError(f"--text {path}: not UTF-8 text (byte {error.start})") from None
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -287,26 +338,6 @@ def _load_tokenizer(folder: Path) -> Any:
         raise OutputError(
             f"{folder}: the tokenizer files cannot be loaded ({first_line(error)}); convert again, or remove them "
             "to verify on fixed random token ids"
-        ) from None
-
-
-def _load_converted(folder: Path) -> XatlForCausalLM:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as error:  # a last resort: config and weights were checked before
-        raise OutputError(f"{folder}: transformers cannot load the converted model ({first_line(error)})") from None
-
-
-def _load_source_model(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
-    except (OSError, ValueError, RuntimeError) as error:
-        raise SourceError(
-            f"{path}: transformers cannot load the source model ({first_line(error)}); pass another --source"
         ) from None
 
 
@@ -343,7 +374,7 @@ def read_output_config(folder: Path) -> XatlConfig:
         raise OutputError(f"{path}: not a valid xatl config ({first_line(error)}); convert again") from None
 
 
-def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[str, torch.Tensor]) -> None:
+def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: SourceCheckpoint) -> None:
     """A config that does not fit the weights makes transformers print a long load report and raise; say it once."""
     path = folder / "config.json"
     try:
@@ -351,7 +382,7 @@ def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[s
             expected = {name: tuple(value.shape) for name, value in XatlForCausalLM(config).state_dict().items()}
     except (ValueError, RuntimeError) as error:
         raise OutputError(f"{path}: not a valid xatl config ({first_line(error)}); convert again") from None
-    for name, tensor in tensors.items():
+    for name, tensor in tensors.tensors.items():
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise OutputError(
                 f"{path}: does not fit the weights: {name!r} is {list(tensor.shape)} in the safetensors, "
@@ -359,19 +390,24 @@ def _check_config_fits_weights(folder: Path, config: XatlConfig, tensors: dict[s
             )
 
 
-def _open_output_tensors(folder: Path, stack: ExitStack) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
+@contextmanager
+def open_output_tensors(folder: Path) -> Iterator[SourceCheckpoint]:
+    """The converted folder's tensors, read one at a time (never the whole model); damage is one clear line."""
     for file in _weight_files(folder):
         try:
-            handle = stack.enter_context(safe_open(file, framework="pt"))
-            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                tensors[name] = handle.get_tensor(name)
+            with safe_open(file, framework="pt") as handle:  # parses and checks the header; reads no tensor
+                handle.keys()
         except (SafetensorError, OSError) as error:
             raise OutputError(
                 f"{file}: not a readable safetensors file ({first_line(error)}); it is truncated or damaged: "
                 "convert again"
             ) from None
-    return tensors
+    try:
+        checkpoint = open_checkpoint(folder)
+    except SourceError as error:
+        raise OutputError(f"{error}; convert again") from None
+    with checkpoint:
+        yield checkpoint
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -32,6 +32,7 @@ class VerifyReport:
     output: str
     source: str | None
     checks: list[CheckResult] = field(default_factory=list)
+    sample: dict[str, Any] = field(default_factory=dict)  # what was scored: tokens, and the text file or "built-in"
 
     @property
     def passed(self) -> bool:
@@ -45,6 +46,7 @@ class VerifyReport:
             "output": self.output,
             "source": self.source,
             "passed": self.passed,
+            "sample": self.sample,
             "checks": [asdict(check) for check in self.checks],
         }
 

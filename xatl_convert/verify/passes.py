@@ -1,0 +1,148 @@
+"""The streamed forward passes of verify: the converted model (with incremental decoding per block), a
+from-scratch model of the same config, and the source beside its all-attention twin.
+
+Each pass loads one unit at a time (see `streaming`); what the checks need (logits, per-layer errors) is kept,
+nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from xatl_convert.models import XatlConfig, XatlForCausalLM
+from xatl_convert.models.modeling_xatl import XatlCache, causal_attention_mask
+from xatl_convert.sources import SourceCheckpoint
+from xatl_convert.verify.readers import CheckpointTensors, InitialisedTensors
+from xatl_convert.verify.streaming import LayerCall, StreamedModel, relative_error
+
+PREFILL_TOKENS = 16  # the first chunk: a scan from zero state (the kernels' path on CUDA)
+CHUNK_TOKENS = 8  # then a chunk continuing from the cached state
+STEP_TOKENS = 8  # then single-token steps (mamba-ssm's step functions)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Relative bounds (max |Δ| / max |reference|) of the per-layer checks, for one compute precision.
+
+    float32: the twin and the source run the same maths with different kernels and orders, and a cached mixer
+    sums in another order than a full scan: both differ by rounding, about 1e-6 of the values on real checkpoints
+    (measured on SmolLM2-135M and on a deep random model with large activations). A wrong rule or cache update
+    differs by the size of what it computes, 1e-2 and more. float64 leaves only transformers' own float32 steps
+    (its RMSNorm computes in float32 whatever the input) in the twin, and nothing in decoding.
+    """
+
+    twin: float
+    decode: float
+
+
+BOUNDS = {torch.float32: Bounds(twin=1e-4, decode=1e-4), torch.float64: Bounds(twin=1e-6, decode=1e-10)}
+
+
+@dataclass
+class ConvertedPass:
+    """What the converted model's pass leaves: its logits (None with --layers) and per-block decoding errors."""
+
+    logits: torch.Tensor | None
+    decode_errors: list[float] = field(default_factory=list)
+    peak_unit_bytes: int = 0
+
+
+@dataclass
+class Run:
+    """One verify run's shared inputs: the output's config, the sample, the compute dtype and device, --layers."""
+
+    config: XatlConfig
+    input_ids: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+    layers: int | None
+
+    @property
+    def bounds(self) -> Bounds:
+        return BOUNDS[self.dtype]
+
+    @property
+    def checked_layers(self) -> int:
+        return self.layers if self.layers is not None else self.config.num_hidden_layers
+
+    def xatl_skeleton(self, config: XatlConfig | None = None) -> XatlForCausalLM:
+        """An xatl model on the meta device, in the compute dtype: no memory until a unit is loaded."""
+        with torch.device("meta"):
+            return XatlForCausalLM(config or self.config).to(self.dtype)
+
+    def converted(self, tensors: SourceCheckpoint) -> ConvertedPass:
+        """The converted model's forward; each block, while loaded, also decodes the sample incrementally."""
+        decode_errors: list[float] = []
+
+        def decode(call: LayerCall) -> None:
+            decode_errors.append(incremental_decoding_error(call, self.config))
+
+        model = self.xatl_skeleton()
+        stream = StreamedModel(model, CheckpointTensors(tensors), self.config.num_hidden_layers, self.device)
+        logits = stream.forward(self.input_ids, on_layer=decode, layers=self.layers)
+        return ConvertedPass(logits, decode_errors, stream.peak_unit_bytes)
+
+    def scratch_loss(self, seed: int) -> float:
+        """Loss of a from-scratch model of the same config, initialised module by module as convert would."""
+        model = self.xatl_skeleton()
+        reader = InitialisedTensors(self.config, seed)
+        logits = StreamedModel(model, reader, self.config.num_hidden_layers, self.device).forward(self.input_ids)
+        assert logits is not None
+        return next_token_loss(logits, self.input_ids)
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy in the logits' dtype (as transformers' causal-LM loss)."""
+    return float(F.cross_entropy(logits[0, :-1], input_ids[0, 1:].to(logits.device)))
+
+
+def uniform_loss(config: XatlConfig) -> float:
+    return math.log(config.vocab_size)
+
+
+def incremental_decoding_error(call: LayerCall, config: XatlConfig) -> float:
+    """Block `call.index`'s mixer over the sample's first tokens: one full pass against a prefill, a cached chunk
+    and single-token steps, on the same normed inputs. Relative to the mixer's own output, so the residual stream
+    (often hundreds of times larger) can neither hide an error nor inflate rounding."""
+    block = call.block
+    hidden = call.hidden_states[:, : PREFILL_TOKENS + CHUNK_TOKENS + STEP_TOKENS]
+    position_embeddings = call.args[1] if len(call.args) > 1 else call.kwargs.get("position_embeddings")
+    total = hidden.shape[1]
+    with torch.no_grad():
+        normed = block.input_norm(hidden)
+        full = block.mix(normed, _positions(position_embeddings, 0, total))
+        cache = XatlCache(config, hidden.shape[0], dtype=normed.dtype, device=normed.device)
+        pieces = []
+        for start, stop in _decode_segments(total):
+            mask = causal_attention_mask(start, stop - start, normed.device) if start and stop - start > 1 else None
+            piece = block.mix(normed[:, start:stop], _positions(position_embeddings, start, stop), mask, None, cache)
+            cache.seen_tokens = stop
+            pieces.append(piece)
+    return relative_error(torch.cat(pieces, dim=1), full)
+
+
+def _decode_segments(total: int) -> list[tuple[int, int]]:
+    """[0, prefill), [prefill, prefill + chunk), then one token at a time: every cached path a mixer has."""
+    prefill = min(PREFILL_TOKENS, max(total - 1, 1))
+    chunk_end = min(prefill + CHUNK_TOKENS, total)
+    segments = [(0, prefill)]
+    if chunk_end > prefill:
+        segments.append((prefill, chunk_end))
+    segments += [(position, position + 1) for position in range(chunk_end, total)]
+    return segments
+
+
+def _positions(
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if position_embeddings is None:
+        return None
+    cos, sin = position_embeddings
+    return cos[:, start:stop], sin[:, start:stop]
+
+
+__all__ = ["ConvertedPass", "Run", "incremental_decoding_error", "next_token_loss", "relative_error"]
