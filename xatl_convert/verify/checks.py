@@ -24,13 +24,12 @@ from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.sources.checkpoint import open_checkpoint
-from xatl_convert.transforms import parse_transform
+from xatl_convert.verify.audit import TensorAudit
 from xatl_convert.verify.passes import Run, next_token_loss, uniform_loss
 from xatl_convert.verify.readers import CheckpointTensors
 from xatl_convert.verify.report import CheckResult, VerifyReport
-from xatl_convert.verify.streaming import StreamedModel
+from xatl_convert.verify.streaming import StreamedModel, return_freed_blocks_to_the_os
 from xatl_convert.verify.twin import run_twin
-from xatl_convert.writer import all_finite
 
 SAMPLE_TOKENS = 256
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -58,6 +57,7 @@ def verify(
     output = Path(output)
     target = resolve_device(device)
     dtype = _precision(precision)
+    return_freed_blocks_to_the_os()
     # everything a user can get wrong is read and validated here, before any model is built
     manifest = read_manifest(output)
     config = read_output_config(output)
@@ -71,19 +71,25 @@ def verify(
         checkpoint = stack.enter_context(_open_source(source, recorded)) if source is not None else None
         input_ids = sample_input_ids(output, config, text, max_tokens).to(target)
         report.sample = {"tokens": int(input_ids.shape[1]), "text": str(text) if text is not None else "built-in"}
-        report.checks.append(check_tensors_as_planned(manifest, tensors))
+        audit = TensorAudit(manifest, tensors, checkpoint)  # (a) and (b), made as the converted model streams
+        run = Run(config, input_ids, dtype, target, layers)
+        missing = [name for name in manifest["tensors"] if name not in tensors.tensors]
+        converted = run.converted(audit) if not missing else None
+        audit.finish()
+        report.checks.append(audit.planned_result())
         if checkpoint is not None:
-            report.checks.append(check_transfers_exact(manifest, tensors, checkpoint))
+            report.checks.append(audit.exact_result())
         else:  # listed all the same: a check left out would read as one that passed
             report.checks.append(_skipped("transfers exact", "bit-for-bit", no_source))
-        run = Run(config, input_ids, dtype, target, layers)
-        converted = run.converted(tensors)
-        report.checks.append(check_logits_finite(converted.logits, run))
-        scratch_loss = run.scratch_loss(seed) if converted.logits is not None else None
-        twin = run_twin(run, manifest, checkpoint, no_source or "no source given", converted.logits)
-        report.checks.append(check_loss_against_scratch(converted.logits, scratch_loss, twin.source_logits, run))
+        cannot_run = f"the output lacks {len(missing)} planned tensor(s), e.g. {missing[0]}" if missing else None
+        logits = converted.logits if converted is not None else None
+        report.checks.append(check_logits_finite(logits, run, cannot_run))
+        scratch_loss = run.scratch_loss(seed) if logits is not None else None
+        twin = run_twin(run, manifest, checkpoint, no_source or "no source given", logits)
+        report.checks.append(check_loss_against_scratch(logits, scratch_loss, twin.source_logits, run, cannot_run))
         report.checks.append(twin.result)
-        report.checks.append(check_incremental_decoding(converted.decode_errors, run))
+        errors = converted.decode_errors if converted is not None else []
+        report.checks.append(check_incremental_decoding(errors, run, cannot_run))
         if target.type == "cuda":
             report.checks.extend(check_kernels_against_reference(run, tensors))
     return report
@@ -115,82 +121,16 @@ def _layer_limit(layers: int | None, total: int) -> int | None:
     return layers if layers < total else None
 
 
-def check_tensors_as_planned(manifest: dict[str, Any], tensors: SourceCheckpoint) -> CheckResult:
-    """(a) Every planned tensor is present with its planned shape and dtype, and every value is finite.
-
-    Shapes and dtypes come from the safetensors headers; values are read one tensor at a time.
-    """
-    problems: list[str] = []
-    for name, entry in manifest["tensors"].items():
-        info = tensors.tensors.get(name)
-        if info is None:
-            problems.append(f"{name}: missing")
-            continue
-        if list(info.shape) != entry["shape"] or str(info.dtype).removeprefix("torch.") != entry["dtype"]:
-            problems.append(f"{name}: {list(info.shape)} {info.dtype}, planned {entry['shape']} {entry['dtype']}")
-        elif info.dtype.is_floating_point and not all_finite(tensors.read(name)):
-            problems.append(f"{name}: non-finite values")
-    extra = sorted(set(tensors.tensors) - set(manifest["tensors"]))
-    problems += [f"{name}: not in the plan" for name in extra]
-    return CheckResult(
-        name="tensors as planned",
-        status="fail" if problems else "pass",
-        value=f"{len(manifest['tensors']) - len(problems)}/{len(manifest['tensors'])} ok",
-        bound="all present, planned shape and dtype, finite",
-        details={"problems": problems[:20]},
-    )
-
-
-def check_transfers_exact(manifest: dict[str, Any], tensors: SourceCheckpoint, source: SourceCheckpoint) -> CheckResult:
-    """(b) Every transferred tensor (and every transferred row block) equals its sources after the recorded
-    transform, bit for bit.
-
-    A piece that cannot be recomputed (its source tensor is gone, or no longer fits the transform) fails the check
-    by name rather than stopping verify: it is exactly what a user swapping or editing a source needs to see.
-    """
-    checked = 0
-    mismatched: list[str] = []
-    problems: list[str] = []
-    for name, entry in manifest["tensors"].items():
-        pieces = [(None, entry)] if entry["status"] == "transferred" else []
-        pieces += [(tuple(part["rows"]), part) for part in entry.get("parts", [])]
-        for rows, piece in pieces:
-            checked += 1
-            label = name if rows is None else f"{name}[{piece['part']}]"
-            if name not in tensors.tensors:
-                problems.append(f"{label}: missing from the output")
-                continue
-            try:
-                expected = parse_transform(piece["transform"]).apply([source.read(item) for item in piece["sources"]])
-            except SourceError as error:  # the recorded source tensor is absent or unreadable
-                problems.append(f"{label}: {error}")
-                continue
-            except (RuntimeError, IndexError) as error:  # torch: the source tensor no longer fits the transform
-                problems.append(f"{label}: cannot apply {piece['transform']} to the source: {first_line(error)}")
-                continue
-            actual = tensors.read(name) if rows is None else tensors.read(name)[rows[0] : rows[1]]
-            if not torch.equal(expected.to(actual.dtype), actual):
-                mismatched.append(label)
-    failed = len(mismatched) + len(problems)
-    return CheckResult(
-        name="transfers exact",
-        status="fail" if failed else "pass",
-        value=f"{checked - failed}/{checked} equal",
-        bound="bit-for-bit",
-        details={"mismatched": mismatched[:20], "problems": problems[:20]},
-    )
-
-
 def _skipped(name: str, bound: str, reason: str | None) -> CheckResult:
     """A check that cannot run, with why, in the value column and in the JSON details."""
     return CheckResult(name, "skip", reason or "", bound, {"reason": reason})
 
 
-def check_logits_finite(logits: torch.Tensor | None, run: Run) -> CheckResult:
+def check_logits_finite(logits: torch.Tensor | None, run: Run, cannot_run: str | None = None) -> CheckResult:
     """(c) The converted model's forward pass over the sample gives finite logits."""
     name, bound = "logits finite", "all finite"
     if logits is None:
-        return _skipped(name, bound, _partial(run))
+        return _skipped(name, bound, cannot_run or _partial(run))
     finite = bool(torch.isfinite(logits).all())
     return CheckResult(
         name=name,
@@ -205,12 +145,16 @@ def _partial(run: Run) -> str:
 
 
 def check_loss_against_scratch(
-    logits: torch.Tensor | None, scratch_loss: float | None, source_logits: torch.Tensor | None, run: Run
+    logits: torch.Tensor | None,
+    scratch_loss: float | None,
+    source_logits: torch.Tensor | None,
+    run: Run,
+    cannot_run: str | None = None,
 ) -> CheckResult:
     """(d) Sample loss of the converted model beside a from-scratch model of the same config (and the source)."""
     name, bound = "loss vs from-scratch", "finite (reported, not compared)"
     if logits is None or scratch_loss is None:
-        return _skipped(name, bound, _partial(run))
+        return _skipped(name, bound, cannot_run or _partial(run))
     losses = {"converted": next_token_loss(logits, run.input_ids), "from_scratch": scratch_loss}
     if source_logits is not None:
         losses["source"] = next_token_loss(source_logits, run.input_ids)
@@ -225,13 +169,13 @@ def check_loss_against_scratch(
     )
 
 
-def check_incremental_decoding(errors: list[float], run: Run) -> CheckResult:
+def check_incremental_decoding(errors: list[float], run: Run, cannot_run: str | None = None) -> CheckResult:
     """(f) In every block: prefill, a cached chunk, then one token at a time equal one full pass (per mixer)."""
     limit = run.bounds.decode
     bound = f"per layer, relative ≤ {limit:g}"
     details: dict[str, Any] = {"per_layer": errors, "layer_types": run.config.layer_types[: len(errors)]}
     if not errors:
-        return CheckResult("incremental decoding = full forward", "skip", "no blocks run", bound, details)
+        return _skipped("incremental decoding = full forward", bound, cannot_run or "no blocks run")
     failing = next((i for i, error in enumerate(errors) if not error <= limit), None)
     worst = max(range(len(errors)), key=lambda i: errors[i])
     details["worst"] = {"where": f"layer {worst}", "error": errors[worst]}

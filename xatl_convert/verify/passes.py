@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.models.modeling_xatl import XatlCache, causal_attention_mask
-from xatl_convert.sources import SourceCheckpoint
-from xatl_convert.verify.readers import CheckpointTensors, InitialisedTensors
-from xatl_convert.verify.streaming import LayerCall, StreamedModel, relative_error
+from xatl_convert.verify.readers import InitialisedTensors
+from xatl_convert.verify.streaming import LayerCall, StreamedModel, TensorReader, relative_error
 
 PREFILL_TOKENS = 16  # the first chunk: a scan from zero state (the kernels' path on CUDA)
 CHUNK_TOKENS = 8  # then a chunk continuing from the cached state
@@ -74,15 +73,16 @@ class Run:
         with torch.device("meta"):
             return XatlForCausalLM(config or self.config).to(self.dtype)
 
-    def converted(self, tensors: SourceCheckpoint) -> ConvertedPass:
-        """The converted model's forward; each block, while loaded, also decodes the sample incrementally."""
+    def converted(self, read: TensorReader) -> ConvertedPass:
+        """The converted model's forward, its tensors from `read`; each block, while loaded, also decodes the
+        sample incrementally."""
         decode_errors: list[float] = []
 
         def decode(call: LayerCall) -> None:
             decode_errors.append(incremental_decoding_error(call, self.config))
 
         model = self.xatl_skeleton()
-        stream = StreamedModel(model, CheckpointTensors(tensors), self.config.num_hidden_layers, self.device)
+        stream = StreamedModel(model, read, self.config.num_hidden_layers, self.device)
         logits = stream.forward(self.input_ids, on_layer=decode, layers=self.layers)
         return ConvertedPass(logits, decode_errors, stream.peak_unit_bytes)
 
