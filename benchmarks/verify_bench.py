@@ -184,6 +184,30 @@ def child_baseline(source: Path, dtype_name: str) -> None:
     print(json.dumps({"load_s": load_s, "forward_s": forward_s, "tokens": length, "finite": finite}))
 
 
+def child_streamed(source: Path) -> None:
+    """One forward of the source in float32, streamed block by block as verify runs each of its models (the
+    arithmetic verify pays per pass, where a plain float32 model would not fit in memory); JSON on the last line."""
+    import torch
+
+    from xatl_convert.sources import resolve_source
+    from xatl_convert.verify.readers import CheckpointTensors
+    from xatl_convert.verify.streaming import StreamedModel, return_freed_blocks_to_the_os
+    from xatl_convert.verify.twin import source_skeleton
+
+    return_freed_blocks_to_the_os()
+    checkpoint = resolve_source(source)
+    model, layers = source_skeleton(checkpoint, torch.float32)
+    vocab = checkpoint.config["vocab_size"]
+    length = min(SAMPLE_TOKENS, checkpoint.config.get("max_position_embeddings", SAMPLE_TOKENS))
+    input_ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    stream = StreamedModel(model, CheckpointTensors(checkpoint, model), layers)
+    start = time.perf_counter()
+    logits = stream.forward(input_ids)
+    forward_s = time.perf_counter() - start
+    assert logits is not None
+    print(json.dumps({"forward_s": forward_s, "finite": bool(torch.isfinite(logits).all())}))
+
+
 # ---------------------------------------------------------------- parent (no torch)
 
 
@@ -304,9 +328,30 @@ def measure_shape(name: str, reconvert: bool) -> dict[str, Any]:
     baseline = json.loads(log.read_text().strip().splitlines()[-1])
     result["baseline_load_s"], result["baseline_forward_s"] = baseline["load_s"], baseline["forward_s"]
     result["baseline_finite"] = baseline["finite"]
+    if result["source_gb"] * 4 / DTYPE_BYTES[shape["dtype"]] < 0.6 * _memory_gb():
+        print(f"{name}: baseline forward in float32 ...", flush=True)
+        arguments = [sys.executable, __file__, "--child", "baseline", str(source), "float32"]
+        log = folder / "baseline_fp32.log"
+        run_child(arguments, log)
+        result["fp32_forward_s"] = json.loads(log.read_text().strip().splitlines()[-1])["forward_s"]
+    print(f"{name}: streamed float32 forward ...", flush=True)
+    log = folder / "streamed.log"
+    _, _, result["streamed_rss_gb"] = run_child([sys.executable, __file__, "--child", "streamed", str(source)], log)
+    result["streamed_forward_s"] = json.loads(log.read_text().strip().splitlines()[-1])["forward_s"]
     result["rss_over_unit"] = result["verify_rss_gb"] / result["unit_gb"]
     result["time_over_forward"] = result["verify_s"] / result["baseline_forward_s"]
+    result["time_over_streamed"] = result["verify_s"] / result["streamed_forward_s"]
     return result
+
+
+def _memory_gb() -> float:
+    """Physical memory, from /proc/meminfo (Linux; 0 elsewhere, which skips the float32 baseline)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return 0.0
+    match = re.search(r"MemTotal:\s+(\d+) kB", text)
+    return int(match.group(1)) * 1024 / GB if match else 0.0
 
 
 def sizes(source: Path, output: Path) -> dict[str, float]:
@@ -354,6 +399,9 @@ def table_rows(result: dict[str, Any], name: str) -> list[tuple[str, str]]:
         ("verify time s", f"{r['verify_s']:.1f}"),
         ("baseline forward s", f"{r['baseline_forward_s']:.2f}"),
         ("verify time / forward", f"{r['time_over_forward']:.1f}  {mark(r['time_over_forward'], 5)}"),
+        ("plain float32 forward s", f"{r['fp32_forward_s']:.2f}" if "fp32_forward_s" in r else "does not fit"),
+        ("streamed float32 forward s", f"{r['streamed_forward_s']:.2f}"),
+        ("verify time / streamed fp32 forward", f"{r['time_over_streamed']:.1f}  {mark(r['time_over_streamed'], 5)}"),
         ("baseline load s / RSS GB", f"{r['baseline_load_s']:.1f} / {r['baseline_rss_gb']:.2f}"),
         ("convert s / RSS GB", f"{r['convert_s']:.1f} / {r['convert_rss_gb']:.2f}" if "convert_s" in r else "reused"),
         ("verify checks", f"{checks_summary(r['checks'])} (exit {r['verify_exit']})"),
@@ -412,6 +460,8 @@ def main() -> None:
         kind, *rest = args.child
         if kind == "build":
             child_build(Path(rest[0]), rest[1])
+        elif kind == "streamed":
+            child_streamed(Path(rest[0]))
         else:
             child_baseline(Path(rest[0]), rest[1])
         return

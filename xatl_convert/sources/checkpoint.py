@@ -23,7 +23,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -143,6 +143,33 @@ class SourceCheckpoint:
 
     def iter_names(self) -> Iterator[str]:
         return iter(self.tensors)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Ask the OS to start reading these tensors' bytes into the page cache, and return at once.
+
+        A layer-streamed reader calls this for the next block while the current one computes, so that a model
+        larger than the page cache is read from disk in the background rather than between blocks. A hint only:
+        nothing is mapped or held, and a .bin shard (read whole) or a platform without fadvise is skipped.
+        """
+        if not hasattr(os, "posix_fadvise"):
+            return
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for name in names:
+            info = self.tensors.get(name)
+            if info is not None and info.offset is not None and info.nbytes:
+                ranges.setdefault(info.file, []).append((info.offset, info.nbytes))
+        for file, spans in ranges.items():
+            try:
+                descriptor = os.open(self.path / file, os.O_RDONLY)
+            except OSError:
+                continue  # the read itself will say what is wrong
+            try:
+                for offset, length in spans:
+                    os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(descriptor)
 
     def close(self) -> None:
         self._torch_state.clear()

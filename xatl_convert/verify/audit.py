@@ -8,6 +8,7 @@ not (with `--layers N`, the later blocks), so both checks always cover every ten
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -55,6 +56,13 @@ class TensorAudit:
             self._seen.add(name)
             self._audit(name, tensor)
         return tensor
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading these output tensors and, for the comparison, the source tensors they came from."""
+        names = list(names)
+        self.tensors.prefetch(names)
+        if self.source is not None:
+            self.source.prefetch(source for name in names for source in _sources(self.entries.get(name)))
 
     def finish(self) -> None:
         """Check every tensor the streamed passes did not read."""
@@ -125,6 +133,12 @@ class TensorAudit:
             bound="bit-for-bit",
             details={"mismatched": mismatched[:LISTED], "problems": problems[:LISTED]},
         )
+
+
+def _sources(entry: dict[str, Any] | None) -> list[str]:
+    if entry is None:
+        return []
+    return [*entry.get("sources", []), *(name for part in entry.get("parts", []) for name in part["sources"])]
 
 
 def _labels(name: str, entry: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ from xatl_convert.errors import SourceError
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.plan import ConversionPlan, PlannedTensor, init_unit
 from xatl_convert.sources import SourceCheckpoint
-from xatl_convert.verify.streaming import StreamingError
+from xatl_convert.verify.streaming import StreamingError, tensor_names
 from xatl_convert.writer import TensorProducer, initialise_module
 
 
@@ -33,7 +33,7 @@ class CheckpointTensors:
             self._learn_aliases(model)
 
     def _learn_aliases(self, model: nn.Module) -> None:
-        needed = list(_persistent_names(model))
+        needed = tensor_names(model)
         renamed = _transformers_names(model, list(self.checkpoint.tensors), set(needed))
         self.aliases = {new: old for old, new in renamed.items() if new != old}
         present = set(renamed.values())
@@ -51,6 +51,9 @@ class CheckpointTensors:
 
     def __call__(self, name: str) -> torch.Tensor:
         return self.checkpoint.read(self.aliases.get(name, name))
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        self.checkpoint.prefetch(self.aliases.get(name, name) for name in names)
 
 
 def _transformers_names(model: nn.Module, keys: list[str], needed: set[str]) -> dict[str, str]:
@@ -75,17 +78,6 @@ def _transformers_names(model: nn.Module, keys: list[str], needed: set[str]) -> 
     return renamed
 
 
-def _persistent_names(model: nn.Module) -> Iterable[str]:
-    """Every parameter and persistent buffer name, as a state dict would hold them (tied ones included)."""
-    for module_name, module in model.named_modules():
-        own = [name for name, _ in module.named_parameters(recurse=False)]
-        own += [
-            name for name, _ in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
-        ]
-        for name in own:
-            yield f"{module_name}.{name}" if module_name else name
-
-
 class PlannedTensors:
     """A plan's tensors, made on demand exactly as `xatl convert` makes them (read, transform, cast)."""
 
@@ -98,6 +90,15 @@ class PlannedTensors:
         if planned is None:
             raise SourceError(f"the plan has no tensor {name!r}")
         return self.producer.produce(planned)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading the source tensors that these planned tensors are made from."""
+        planned = [self.planned[name] for name in names if name in self.planned]
+        self.producer.plan.source.prefetch(source for tensor in planned for source in _sources(tensor))
+
+
+def _sources(tensor: PlannedTensor) -> list[str]:
+    return [*tensor.sources, *(name for part in tensor.parts for name in part.sources)]
 
 
 class InitialisedTensors:

@@ -94,7 +94,7 @@ class StreamedModel:
     """A meta-device model, built in its compute dtype (float32, or float64 for exactness), run one unit at a time
     from `read` on `device`.
 
-    `forward(input_ids)` returns the logits; `on_layer` sees each block while it is loaded; `replace_input(i)` may
+    `forward(input_ids)` returns the logits; `on_layer` sees each block while it is loaded; `replace_input(i, own)` may
     hand block i other input hidden states (teacher forcing, for the twin check); `layers=N` stops after N blocks.
     """
 
@@ -111,10 +111,11 @@ class StreamedModel:
         if head is not None and embedding is not None and head.weight is embedding.weight:
             head.weight = nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
             self.aliases[f"{names[head]}.weight"] = f"{names[embedding]}.weight"
-        self.units: dict[str, nn.Module] = {f"{blocks_name}.{i}": block for i, block in enumerate(self.blocks)}
-        for module in (embedding, head):
-            if module is not None:
-                self.units[names[module]] = module
+        # in the order they run: the reader can then prefetch the next one while one computes
+        self.units: dict[str, nn.Module] = {names[embedding]: embedding} if embedding is not None else {}
+        self.units.update({f"{blocks_name}.{i}": block for i, block in enumerate(self.blocks)})
+        if head is not None:
+            self.units[names[head]] = head
         self._load_resident(names)
         self.peak_unit_bytes = 0
 
@@ -212,6 +213,7 @@ class StreamedModel:
                 raise _Stop
             self._load(module, name)
             self.peak_unit_bytes = max(self.peak_unit_bytes, _bytes(module))
+            self._prefetch_after(name)
             if replace_input is None or index is None:
                 return None
             replacement = replace_input(index, args[0] if args else kwargs["hidden_states"])
@@ -223,6 +225,16 @@ class StreamedModel:
 
         return hook
 
+    def _prefetch_after(self, name: str) -> None:
+        """Let the reader start on the unit that runs next (embedding → blocks → head) while this one computes."""
+        prefetch = getattr(self.read, "prefetch", None)
+        order = list(self.units)
+        position = order.index(name)
+        if prefetch is None or position + 1 >= len(order):
+            return
+        following = order[position + 1]
+        prefetch(self.aliases.get(tensor, tensor) for tensor in tensor_names(self.units[following], following))
+
     def _post_hook(self, index: int | None, on_layer: LayerCallback | None) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if index is not None and on_layer is not None:
@@ -231,6 +243,17 @@ class StreamedModel:
             return None
 
         return hook
+
+
+def tensor_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """The full names of a module's parameters and persistent buffers, as a state dict holds them (tied ones
+    under each name): what `read` is asked for."""
+    names = []
+    for module_name, sub in module.named_modules(prefix=prefix):
+        own = [name for name, _ in sub.named_parameters(recurse=False)]
+        own += [name for name, _ in sub.named_buffers(recurse=False) if name not in sub._non_persistent_buffers_set]
+        names += [f"{module_name}.{name}" if module_name else name for name in own]
+    return names
 
 
 def _owned(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
