@@ -205,3 +205,36 @@ def test_cli_layers_and_text_options(tmp_path: Path) -> None:
     assert result.exit_code == 2 and f"--text {bad}: not UTF-8 text" in result.stderr
     result = runner.invoke(app, ["verify", str(out), "--layers", "0"], prog_name="xatl")
     assert result.exit_code == 2 and "--layers 0: expected a number of blocks from 1 to 4" in result.stderr
+
+
+def test_a_mapping_that_drops_a_tensor_the_source_uses_has_no_twin(neox_checkpoint: Path) -> None:
+    from dataclasses import replace
+
+    from xatl_convert.conversion import plan_conversion
+    from xatl_convert.verify.twin import NoTwin, source_skeleton, unusable_reason
+
+    plan = plan_conversion(neox_checkpoint, attn_layers="all")
+    model, layers = source_skeleton(plan.source, torch.float32)
+    unusable_reason(plan, model, layers)  # the built-in mapping uses every source parameter
+    dropping = replace(plan, dropped={**plan.dropped, "gpt_neox.layers.2.attention.dense.bias": "no bias in xatl"})
+    with pytest.raises(NoTwin, match=r"no place for source tensor gpt_neox\.layers\.2\.attention\.dense\.bias"):
+        unusable_reason(dropping, model, layers)
+    initialising = replace(plan, tensors=[replace(plan.tensors[3], status="initialised", strategy="default")])
+    with pytest.raises(NoTwin, match=r"initialises .* even with every layer kept as attention"):
+        unusable_reason(initialising, model, layers)
+
+
+def test_a_source_transformers_cannot_build_skips_the_twin_with_the_reason(
+    neox_checkpoint: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    convert(neox_checkpoint, out)
+    source = Path(shutil.copytree(neox_checkpoint, tmp_path / "source"))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    report = verify(out, source)
+    twin = report.check(TWIN)
+    assert twin.status == "skip" and "transformers has no model class for the source" in twin.value
+    assert report.check("transfers exact").status == "pass" and report.passed

@@ -118,13 +118,22 @@ def _result(details: dict[str, Any], limit: float, bound: str) -> CheckResult:
     if failing is not None:
         details["first_divergence"] = {"where": failing[0], "error": failing[1]}
         return CheckResult(NAME, "fail", f"diverges at {failing[0]}: {failing[1]:.2e}", bound, details)
-    if worst[1] == 0:
-        value = f"bit-identical ({len(measured)} comparisons)"
-    else:
-        value = f"worst {worst[0]}: {worst[1]:.1e}"
-        if "logits" in details:
-            value += f"; logits {details['logits']:.1e}"
-    return CheckResult(NAME, "pass", value, bound, details)
+    return CheckResult(NAME, "pass", _summary(details, len(measured)), bound, details)
+
+
+def _summary(details: dict[str, Any], comparisons: int) -> str:
+    """e.g. "24 layers ≤ 3.1e-07, logits 2.0e-07": each part of the model at a glance."""
+    if details["worst"]["error"] == 0:
+        return f"bit-identical ({comparisons} comparisons)"
+    per_layer = details["per_layer"]
+    parts = [f"{len(per_layer)} layers ≤ {max(per_layer):.1e}"] if per_layer else []
+    if details.get("embeddings"):
+        parts.insert(0, f"embeddings {details['embeddings']:.1e}")
+    if details.get("logits") is not None:
+        parts.append(f"logits {details['logits']:.1e}")
+    if details.get("output_logits") is not None:
+        parts.append(f"output's logits {details['output_logits']:.1e}")
+    return ", ".join(parts)
 
 
 def source_skeleton(checkpoint: SourceCheckpoint, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
