@@ -238,3 +238,17 @@ def test_a_source_transformers_cannot_build_skips_the_twin_with_the_reason(
     twin = report.check(TWIN)
     assert twin.status == "skip" and "transformers has no model class for the source" in twin.value
     assert report.check("transfers exact").status == "pass" and report.passed
+
+
+def test_prefetch_is_a_hint_that_never_fails(neox_checkpoint: Path, tmp_path: Path) -> None:
+    from xatl_convert.sources import resolve_source
+
+    checkpoint = resolve_source(neox_checkpoint)
+    names = list(checkpoint.tensors)
+    checkpoint.prefetch([*names, "no.such.tensor"])  # unknown names are the read's to report, not the hint's
+    moved = tmp_path / "moved"
+    checkpoint.path.rename(moved)
+    try:
+        checkpoint.prefetch(names)  # files gone: nothing to hint, no error
+    finally:
+        moved.rename(checkpoint.path)
