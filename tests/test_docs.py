@@ -53,6 +53,8 @@ def test_tutorial_mapping_converts_gpt2_with_exact_transfers(
     assert "learned absolute positions" in plan.dropped["transformer.wpe.weight"]
     report = verify(out, gpt2)
     assert report.passed and report.check("transfers exact").status == "pass"
+    twin = report.check("source twin = source")  # as docs/mappings.md says: skipped, with the reason
+    assert twin.status == "skip" and "no place for source tensor transformer.wpe.weight" in twin.value
 
 
 def test_tutorial_mapping_keeps_attention_layers_split_from_the_fused_projection(
