@@ -89,8 +89,8 @@ class Run:
     def scratch_loss(self, seed: int) -> float:
         """Loss of a from-scratch model of the same config, initialised module by module as convert would."""
         model = self.xatl_skeleton()
-        with InitialisedTensors(self.config, seed) as reader:
-            logits = StreamedModel(model, reader, self.config.num_hidden_layers, self.device).forward(self.input_ids)
+        reader = InitialisedTensors(self.config, seed)
+        logits = StreamedModel(model, reader, self.config.num_hidden_layers, self.device).forward(self.input_ids)
         assert logits is not None
         return next_token_loss(logits, self.input_ids)
 

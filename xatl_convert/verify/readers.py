@@ -6,7 +6,6 @@ Each reader maps a full parameter name to a tensor, one call per tensor, so noth
 from __future__ import annotations
 
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -103,44 +102,19 @@ def _sources(tensor: PlannedTensor) -> list[str]:
 
 
 class InitialisedTensors:
-    """Every tensor of a from-scratch model, as `xatl convert` initialises one: per module, seeded by its name.
-
-    Initialising is serial random-number generation (about 25 s for a 7B model here), so the next block's
-    modules are made on a worker thread while the current block computes (`prefetch`); every module is made on
-    that one thread, in turn, so the values do not depend on the timing. Use as a context manager.
-    """
+    """Every tensor of a from-scratch model, as `xatl convert` initialises one: per module, seeded by its name."""
 
     def __init__(self, config: XatlConfig, seed: int) -> None:
         with torch.device("meta"):
             self.skeleton = XatlForCausalLM(config)
         self.seed = seed
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xatl-init")
-        self._pending: dict[str, Future[dict[str, torch.Tensor]]] = {}
         self._unit: str | None = None
         self._tensors: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> InitialisedTensors:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
-
-    def _made(self, unit: str) -> Future[dict[str, torch.Tensor]]:
-        if unit not in self._pending:
-            self._pending[unit] = self._worker.submit(initialise_module, self.skeleton, unit, self.seed)
-        return self._pending[unit]
 
     def __call__(self, name: str) -> torch.Tensor:
         unit = init_unit(name)
         if unit != self._unit:
-            self._tensors = {}  # free the previous module's tensors before taking the next
-            self._tensors = self._made(unit).result()
-            self._pending.pop(unit, None)
+            self._tensors = {}  # free the previous module's tensors before making the next
+            self._tensors = initialise_module(self.skeleton, unit, self.seed)
             self._unit = unit
         return self._tensors[name]
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        for unit in dict.fromkeys(init_unit(name) for name in names):
-            if unit != self._unit:
-                self._made(unit)
