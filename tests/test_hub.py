@@ -84,6 +84,19 @@ def test_alias_converts_end_to_end_and_fetches_only_config_tokenizer_and_safeten
     assert (out / "tokenizer.json").read_bytes() == (EXAMPLE_CHECKPOINT / "tokenizer.json").read_bytes()
 
 
+def test_a_hub_conversion_verifies_against_the_cached_snapshot_with_no_request(hub: FakeHub, tmp_path: Path) -> None:
+    """The manifest records the snapshot folder; verify (twin included) reads it there, through its blob links."""
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["convert", PYTHIA, "--out", str(out), "--attn-layers", "paper"]).exit_code == 0
+    hub.reset_requests()
+    result = runner.invoke(app, ["verify", str(out), "--json", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert hub.file_requests() == []
+    checks = {check["name"]: check for check in json.loads((tmp_path / "report.json").read_text())["checks"]}
+    assert all(check["status"] == "pass" for check in checks.values())
+    assert len(checks["source twin = source"]["details"]["per_layer"]) == 4
+
+
 def test_second_convert_makes_no_download_request(hub: FakeHub, tmp_path: Path) -> None:
     assert runner.invoke(app, ["convert", PYTHIA, "--out", str(tmp_path / "a")]).exit_code == 0
     hub.reset_requests()
