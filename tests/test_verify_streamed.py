@@ -252,3 +252,15 @@ def test_prefetch_is_a_hint_that_never_fails(neox_checkpoint: Path, tmp_path: Pa
         checkpoint.prefetch(names)  # files gone: nothing to hint, no error
     finally:
         moved.rename(checkpoint.path)
+
+
+def test_progress_reports_each_pass_block_by_block(neox_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(neox_checkpoint, out)
+    seen: list[tuple[str, int, int]] = []
+    verify(out, layers=3, progress=lambda label, block, total: seen.append((label, block, total)))
+    by_pass: dict[str, list[int]] = {}
+    for label, block, total in seen:
+        assert total == 3  # --layers 3: the bars end where the passes stop
+        by_pass.setdefault(label, []).append(block)
+    assert by_pass == {"converted model": [1, 2, 3], "source": [1, 2, 3], "source twin": [1, 2, 3]}

@@ -12,7 +12,8 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -344,7 +345,8 @@ def verify_command(
         check_report_destination(json_path)  # fail before minutes of checks, not after
 
     _quiet_transformers()
-    report = run_verify(output, source, seed, device, layers, text, max_tokens, precision)
+    with _block_progress(sys.stderr.isatty()) as progress:
+        report = run_verify(output, source, seed, device, layers, text, max_tokens, precision, progress)
     _console().print(verify_table(report))
     if json_path is not None:
         report.write_json(json_path)
@@ -352,6 +354,27 @@ def verify_command(
         failed = ", ".join(check.name for check in report.checks if check.status == "fail")
         print_error(f"{output}: verify failed: {failed}")
         raise typer.Exit(1)
+
+
+@contextmanager
+def _block_progress(show: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """On a terminal, one bar per verify pass (converted model, from-scratch model, source, twin), block by block:
+    a 7B model takes minutes. Transient, so that the table is all that stays."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_console(stderr=True), transient=True) as bars:
+        tasks: dict[str, Any] = {}
+
+        def advance(label: str, block: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=total)
+            bars.update(tasks[label], completed=block)
+
+        yield advance
 
 
 @app.command("inspect", cls=PlainUsageCommand)

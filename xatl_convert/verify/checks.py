@@ -25,7 +25,7 @@ from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.sources.checkpoint import open_checkpoint
 from xatl_convert.verify.audit import TensorAudit
-from xatl_convert.verify.passes import Run, next_token_loss, uniform_loss
+from xatl_convert.verify.passes import Progress, Run, next_token_loss, uniform_loss
 from xatl_convert.verify.readers import CheckpointTensors
 from xatl_convert.verify.report import CheckResult, VerifyReport
 from xatl_convert.verify.streaming import StreamedModel, return_freed_blocks_to_the_os
@@ -44,6 +44,7 @@ def verify(
     text: str | Path | None = None,
     max_tokens: int = SAMPLE_TOKENS,
     precision: str = "float32",
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Run every check that applies to a converted folder (and its source, when given or recorded).
 
@@ -52,7 +53,7 @@ def verify(
     reference path. layers: check only the first N blocks (quick CI); the checks that need the logits of the whole
     model are then skipped. text: a UTF-8 file to score instead of the built-in sample (its first `max_tokens`
     tokens). precision: "float32" (the default, whatever the checkpoint's dtype) or "float64", which separates a
-    logic error from rounding.
+    logic error from rounding. progress(pass, block, blocks) is called as each pass starts each block.
     """
     output = Path(output)
     target = resolve_device(device)
@@ -72,7 +73,7 @@ def verify(
         input_ids = sample_input_ids(output, config, text, max_tokens).to(target)
         report.sample = {"tokens": int(input_ids.shape[1]), "text": str(text) if text is not None else "built-in"}
         audit = TensorAudit(manifest, tensors, checkpoint)  # (a) and (b), made as the converted model streams
-        run = Run(config, input_ids, dtype, target, layers)
+        run = Run(config, input_ids, dtype, target, layers, progress)
         missing = [name for name in manifest["tensors"] if name not in tensors.tensors]
         converted = run.converted(audit) if not missing else None
         audit.finish()

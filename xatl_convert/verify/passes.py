@@ -8,6 +8,7 @@ nothing else.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,15 +51,27 @@ class ConvertedPass:
     peak_unit_bytes: int = 0
 
 
+Progress = Callable[[str, int, int], None]  # (pass, blocks started, blocks in the pass)
+
+
 @dataclass
 class Run:
-    """One verify run's shared inputs: the output's config, the sample, the compute dtype and device, --layers."""
+    """One verify run's shared inputs: the output's config, the sample, the compute dtype and device, --layers,
+    and where to report progress (each pass, block by block)."""
 
     config: XatlConfig
     input_ids: torch.Tensor
     dtype: torch.dtype
     device: torch.device
     layers: int | None
+    progress: Progress | None = None
+
+    def stream(self, label: str, model: torch.nn.Module, read: TensorReader, num_layers: int) -> StreamedModel:
+        """A streamed model on the run's device that reports its blocks as pass `label`."""
+        total = min(num_layers, self.layers or num_layers)
+        progress = self.progress
+        on_block = (lambda index: progress(label, index + 1, total)) if progress is not None else None
+        return StreamedModel(model, read, num_layers, self.device, on_block)
 
     @property
     def bounds(self) -> Bounds:
@@ -82,7 +95,7 @@ class Run:
             decode_errors.append(incremental_decoding_error(call, self.config))
 
         model = self.xatl_skeleton()
-        stream = StreamedModel(model, read, self.config.num_hidden_layers, self.device)
+        stream = self.stream("converted model", model, read, self.config.num_hidden_layers)
         logits = stream.forward(self.input_ids, on_layer=decode, layers=self.layers)
         return ConvertedPass(logits, decode_errors, stream.peak_unit_bytes)
 
@@ -90,7 +103,7 @@ class Run:
         """Loss of a from-scratch model of the same config, initialised module by module as convert would."""
         model = self.xatl_skeleton()
         reader = InitialisedTensors(self.config, seed)
-        logits = StreamedModel(model, reader, self.config.num_hidden_layers, self.device).forward(self.input_ids)
+        logits = self.stream("from-scratch model", model, reader, self.config.num_hidden_layers).forward(self.input_ids)
         assert logits is not None
         return next_token_loss(logits, self.input_ids)
 

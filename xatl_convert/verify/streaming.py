@@ -99,9 +99,15 @@ class StreamedModel:
     """
 
     def __init__(
-        self, model: nn.Module, read: TensorReader, num_layers: int, device: torch.device | str = "cpu"
+        self,
+        model: nn.Module,
+        read: TensorReader,
+        num_layers: int,
+        device: torch.device | str = "cpu",
+        on_block: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model.eval()
+        self.on_block = on_block  # told each block's index as it starts (a progress display)
         self.read = read
         self.device = torch.device(device)
         blocks_name, self.blocks = decoder_blocks(model, num_layers)
@@ -211,6 +217,8 @@ class StreamedModel:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if index is not None and layers is not None and index >= layers:
                 raise _Stop
+            if index is not None and self.on_block is not None:
+                self.on_block(index)
             self._load(module, name)
             self.peak_unit_bytes = max(self.peak_unit_bytes, _bytes(module))
             self._prefetch_after(name)

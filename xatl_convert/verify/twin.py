@@ -24,7 +24,7 @@ from xatl_convert.sources import SourceCheckpoint
 from xatl_convert.verify.passes import Run, next_token_loss
 from xatl_convert.verify.readers import CheckpointTensors, PlannedTensors
 from xatl_convert.verify.report import CheckResult
-from xatl_convert.verify.streaming import LayerCall, StreamedModel, StreamingError, decoder_blocks, relative_error
+from xatl_convert.verify.streaming import LayerCall, StreamingError, decoder_blocks, relative_error
 
 NAME = "source twin = source"
 EXACT_STRATEGIES = ("zeros", "ones")  # an initialised tensor the twin can still match with (a zero bias)
@@ -56,7 +56,7 @@ def run_twin(
         return TwinPass(CheckResult(NAME, "skip", no_source, bound, {"reason": no_source}))
     try:
         source_model, source_layers = source_skeleton(checkpoint, run.dtype)
-        source = StreamedModel(source_model, CheckpointTensors(checkpoint, source_model), source_layers, run.device)
+        source = run.stream("source", source_model, CheckpointTensors(checkpoint, source_model), source_layers)
     except NoTwin as reason:
         return TwinPass(CheckResult(NAME, "skip", str(reason), bound, {"reason": str(reason)}))
     states: list[torch.Tensor] = []  # states[i]: block i's input; states[i + 1]: its output
@@ -96,7 +96,7 @@ def _compare(
         per_layer.append(relative_error(call.output, states[call.index + 1]))
 
     layers = plan.target_config.num_hidden_layers
-    twin = StreamedModel(run.xatl_skeleton(plan.target_config), PlannedTensors(plan), layers, run.device)
+    twin = run.stream("source twin", run.xatl_skeleton(plan.target_config), PlannedTensors(plan), layers)
     twin_logits = twin.forward(run.input_ids, on_layer=compare, replace_input=teacher, layers=run.layers)
     details: dict[str, Any] = {"embeddings": embedding[0] if embedding else None, "per_layer": per_layer}
     if twin_logits is not None and source_logits is not None:
