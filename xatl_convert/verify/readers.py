@@ -64,17 +64,22 @@ def _transformers_names(model: nn.Module, keys: list[str], needed: set[str]) -> 
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:  # an older transformers: names are the checkpoint's own
         return {key: key for key in keys}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None) or None
     meta = dict.fromkeys(needed, True)
     renamed = {}
-    for key in keys:
-        new, converted = rename_source_key(key, renamings, converters, prefix, meta)
-        if converted is not None:
-            raise StreamingError(f"transformers converts {key!r} on load ({converted}); verify reads tensors as stored")
-        renamed[key] = new
+    try:  # transformers' loading internals: a version that changed them must not crash verify
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        for key in keys:
+            new, converted = rename_source_key(key, renamings, converters, prefix, meta)
+            if converted is not None:
+                raise StreamingError(
+                    f"transformers converts {key!r} on load ({converted}); verify reads tensors as stored"
+                )
+            renamed[key] = new
+    except (TypeError, AttributeError, ValueError) as error:
+        raise StreamingError(f"this transformers' checkpoint renaming is not one verify knows ({error})") from None
     return renamed
 
 
