@@ -2,11 +2,13 @@
 
 `freeze_transferred` freezes by manifest group; `LITController` holds the trigger (`LossImprovementThreshold`) and
 the unfrozen parameters' own optimizer group (`UnfrozenGroup`); `LITCallback` adapts it to transformers' Trainer,
-and a plain loop calls `controller.step(loss, optimizer, scheduler)` once per optimizer step.
+and a plain loop calls `controller.step(loss, optimizer, scheduler)` once per optimizer step. `data` reads text
+(local files or a Hub dataset) into packed blocks with a held-out split that never trains.
 """
 
 from .callback import LITCallback
 from .controller import LITController
+from .data import DataError, DataSpec, PackedBlocks, read_documents
 from .freeze import TRANSFER_GROUPS, freeze_transferred, transferred_parameters
 from .groups import UnfrozenGroup
 from .lit import LIT_PRESETS, LossImprovementThreshold
@@ -14,10 +16,14 @@ from .lit import LIT_PRESETS, LossImprovementThreshold
 __all__ = [
     "LIT_PRESETS",
     "TRANSFER_GROUPS",
+    "DataError",
+    "DataSpec",
     "LITCallback",
     "LITController",
     "LossImprovementThreshold",
+    "PackedBlocks",
     "UnfrozenGroup",
     "freeze_transferred",
+    "read_documents",
     "transferred_parameters",
 ]
