@@ -3,9 +3,11 @@
 `freeze_transferred` freezes by manifest group; `LITController` holds the trigger (`LossImprovementThreshold`) and
 the unfrozen parameters' own optimizer group (`UnfrozenGroup`); `LITCallback` adapts it to transformers' Trainer,
 and a plain loop calls `controller.step(loss, optimizer, scheduler)` once per optimizer step. `data` reads text
-(local files or a Hub dataset) into packed blocks with a held-out split that never trains.
+(local files or a Hub dataset) into packed blocks with a held-out split that never trains; `Aligner` runs stage
+`align`, each new mixer learning its layer's attention output from the teacher's own input.
 """
 
+from .align import Aligner, AlignError, normalised_mse
 from .callback import LITCallback
 from .controller import LITController
 from .data import DataError, DataSpec, PackedBlocks, read_documents
@@ -16,6 +18,8 @@ from .lit import LIT_PRESETS, LossImprovementThreshold
 __all__ = [
     "LIT_PRESETS",
     "TRANSFER_GROUPS",
+    "AlignError",
+    "Aligner",
     "DataError",
     "DataSpec",
     "LITCallback",
@@ -24,6 +28,7 @@ __all__ = [
     "PackedBlocks",
     "UnfrozenGroup",
     "freeze_transferred",
+    "normalised_mse",
     "read_documents",
     "transferred_parameters",
 ]

@@ -1,0 +1,151 @@
+"""Stage `align`: each new mixer learns to compute what the attention layer it replaces computed.
+
+At depth a converted model knows nothing until its mixers do what attention did (MOHAWK, RADLADS, MambaInLlama and
+LoLCATs all start here). For every LCI layer, the teacher's own normalised input to that layer's attention goes into
+the student's mixer, and the mixer is trained to give the teacher's attention output (normalised MSE). The student's
+input norm is the teacher's, transferred, so that input is exactly what the mixer will see once the model is whole.
+Only the new mixers train; transferred weights stay as they are (XATL's freezing). One teacher forward per batch
+gives every layer's pair; each layer's graph is built and freed in turn, so memory is one teacher forward plus one
+mixer's graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from xatl_convert.training.freeze import transferred_parameters
+
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")  # transformers' names, by family
+
+
+class AlignError(ValueError):
+    """The teacher and student cannot be aligned layer by layer (layer counts, no attention module found)."""
+
+
+def normalised_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE relative to the target's own mean square: 1.0 for a mixer that outputs zeros, whatever the layer's scale
+    (attention outputs differ by orders of magnitude across depth), so per-layer losses can be compared and summed."""
+    target = target.float()
+    return (prediction.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def teacher_attention(teacher: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The attention module of each of the teacher's decoder blocks (self_attn, attention, attn, ...)."""
+    blocks = [
+        module
+        for module in teacher.modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0
+    ]
+    if len(blocks) != 1:
+        raise AlignError(f"{type(teacher).__name__}: cannot find its {num_layers} decoder blocks")
+    found = []
+    for index, block in enumerate(blocks[0]):
+        attention = next((getattr(block, name) for name in ATTENTION_NAMES if hasattr(block, name)), None)
+        if attention is None:
+            raise AlignError(
+                f"{type(teacher).__name__} block {index}: no attention module ({', '.join(ATTENTION_NAMES)})"
+            )
+        found.append(attention)
+    return found
+
+
+@contextmanager
+def attention_taps(attention: dict[int, nn.Module]) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """While active, each forward records {layer: (normalised input, attention output)} of the given modules."""
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for index, module in attention.items():
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, index: int = index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            result = output[0] if isinstance(output, (tuple, list)) else output
+            pairs[index] = (hidden.detach(), result.detach())
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        yield pairs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def mixer_parameters(student: nn.Module, manifest: dict[str, Any]) -> dict[str, nn.Parameter]:
+    """What `align` trains: the parameters of the LCI layers' mixers that the conversion did not transfer."""
+    transferred = set(transferred_parameters(student, manifest))
+    layer_types = student.config.layer_types
+    return {
+        name: parameter
+        for name, parameter in student.named_parameters()
+        if name not in transferred and _lci_mixer(name, layer_types)
+    }
+
+
+def _lci_mixer(name: str, layer_types: list[str]) -> bool:
+    parts = name.split(".")
+    return (
+        len(parts) > 4 and parts[:2] == ["model", "layers"] and parts[3] == "mixer"
+        and layer_types[int(parts[2])] != "attention"
+    )  # fmt: skip
+
+
+@dataclass
+class Aligner:
+    """Runs align steps: one teacher forward per batch, then each LCI layer's mixer on its own pair."""
+
+    student: nn.Module
+    teacher: nn.Module
+    manifest: dict[str, Any]
+    layers: list[int] = field(init=False)
+    attention: dict[int, nn.Module] = field(init=False)
+
+    def __post_init__(self) -> None:
+        types = self.student.config.layer_types
+        self.layers = [index for index, kind in enumerate(types) if kind != "attention"]
+        modules = teacher_attention(self.teacher, len(types))
+        self.attention = {index: modules[index] for index in self.layers}
+        self.teacher.eval().requires_grad_(False)
+        trainable = mixer_parameters(self.student, self.manifest)
+        for name, parameter in self.student.named_parameters():
+            parameter.requires_grad_(name in trainable)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.student.parameters() if parameter.requires_grad]
+
+    def step(self, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[int, float]:
+        """One optimiser step over every LCI layer; returns each layer's normalised MSE before the step."""
+        with torch.no_grad(), attention_taps(self.attention) as pairs:
+            self.teacher(input_ids=input_ids)
+        optimizer.zero_grad(set_to_none=True)
+        losses = {}
+        blocks = self.student.model.layers
+        for index in self.layers:
+            hidden, target = pairs.pop(index)  # freed as soon as its layer is done
+            prediction = blocks[index].mixer(hidden.to(_dtype(blocks[index])))
+            loss = normalised_mse(prediction, target)
+            loss.backward()  # this layer's graph only: freed before the next layer builds its own
+            losses[index] = loss.item()
+        optimizer.step()
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor) -> dict[int, float]:
+        """Each LCI layer's normalised MSE on a batch, without training."""
+        with attention_taps(self.attention) as pairs:
+            self.teacher(input_ids=input_ids)
+        blocks = self.student.model.layers
+        return {
+            index: normalised_mse(
+                blocks[index].mixer(pairs[index][0].to(_dtype(blocks[index]))), pairs[index][1]
+            ).item()
+            for index in self.layers
+        }
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
