@@ -4,7 +4,8 @@
 the unfrozen parameters' own optimizer group (`UnfrozenGroup`); `LITCallback` adapts it to transformers' Trainer,
 and a plain loop calls `controller.step(loss, optimizer, scheduler)` once per optimizer step. `data` reads text
 (local files or a Hub dataset) into packed blocks with a held-out split that never trains; `Aligner` runs stage
-`align`, each new mixer learning its layer's attention output from the teacher's own input.
+`align`, each new mixer learning its layer's attention output from the teacher's own input; `DistillationTrainer`
+runs stage `kd`, the HF Trainer against the teacher's logits, with LIT through `LITCallback`.
 """
 
 from .align import Aligner, AlignError, normalised_mse
@@ -13,6 +14,7 @@ from .controller import LITController
 from .data import DataError, DataSpec, PackedBlocks, read_documents
 from .freeze import TRANSFER_GROUPS, freeze_transferred, transferred_parameters
 from .groups import UnfrozenGroup
+from .kd import DistillationTrainer, distillation_loss
 from .lit import LIT_PRESETS, LossImprovementThreshold
 
 __all__ = [
@@ -22,11 +24,13 @@ __all__ = [
     "Aligner",
     "DataError",
     "DataSpec",
+    "DistillationTrainer",
     "LITCallback",
     "LITController",
     "LossImprovementThreshold",
     "PackedBlocks",
     "UnfrozenGroup",
+    "distillation_loss",
     "freeze_transferred",
     "normalised_mse",
     "read_documents",

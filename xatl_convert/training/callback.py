@@ -29,6 +29,11 @@ class LITCallback(TrainerCallback):
     def unfrozen_at(self) -> int | None:
         return self.controller.unfrozen_at
 
+    def record(self, loss: torch.Tensor) -> None:
+        """Report a training loss that the model's forward does not return (a trainer's own, e.g. distillation's);
+        like the forward's, it is averaged over the step's micro-batches and fed to LIT at the step's end."""
+        self._losses.append(loss.detach())
+
     def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         loss = getattr(output, "loss", None)
         if module.training and loss is not None:
