@@ -377,6 +377,39 @@ def _block_progress(show: bool) -> Iterator[Callable[[str, int, int], None] | No
         yield advance
 
 
+@app.command("eval", cls=PlainUsageCommand)
+def eval_command(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A folder written by xatl convert (or trained).")],
+    data: Annotated[str, typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id.")],
+    teacher: Annotated[
+        str | None, typer.Option(metavar="SRC", help="Also score this model (the source), for the gap.")
+    ] = None,
+    block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
+    max_blocks: Annotated[int, typer.Option(metavar="N", help="Held-out blocks to score.")] = 32,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per forward pass.")] = 4,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Held-out loss and perplexity of MODEL (and the teacher) on DATA's held-out split, which never trains."""
+    from xatl_convert.verify import check_report_destination
+
+    if json_path is not None:
+        check_report_destination(json_path)
+    _quiet_transformers()
+    from xatl_convert.tables import eval_gap_line, eval_table
+    from xatl_convert.training.evaluate import evaluate_folder
+
+    result = evaluate_folder(model, data, teacher, block_size, max_blocks, batch_size)
+    console = _console()
+    console.print(eval_table(result))
+    gap = eval_gap_line(result)
+    if gap is not None:
+        console.print(gap, soft_wrap=True, highlight=False)
+    if json_path is not None:
+        result.write_json(json_path)
+
+
 @app.command("inspect", cls=PlainUsageCommand)
 def inspect_command(
     source: Annotated[str, typer.Argument(metavar="SRC", help="Local folder, Hub id (org/name[@revision]) or alias.")],

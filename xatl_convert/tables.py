@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.tree import Tree
@@ -12,6 +13,9 @@ from rich.tree import Tree
 from xatl_convert.plan import ConversionPlan
 from xatl_convert.sources.inventory import Inventory
 from xatl_convert.verify.report import VerifyReport
+
+if TYPE_CHECKING:
+    from xatl_convert.training.evaluate import Evaluation
 
 _STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
 
@@ -150,3 +154,22 @@ def inventory_tree(reference: str, inventory: Inventory, applicable: dict[str, s
     for name, verdict in applicable.items():
         mappings.add(f"{name}: {verdict}")
     return tree
+
+
+def eval_table(result: Evaluation) -> Table:
+    """One row per model scored: held-out loss, perplexity, tokens."""
+    table = Table(title=f"xatl eval {result.model} on {result.data} (held-out split)")
+    for column in ("model", "loss", "perplexity", "tokens"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, scored in result.losses.items():
+        table.add_row(name, f"{scored.loss:.3f}", f"{scored.perplexity:,.1f}", f"{scored.tokens:,}")
+    return table
+
+
+def eval_gap_line(result: Evaluation) -> str | None:
+    """The gap recovered, when the manifest says where the student started; why not, when it does not."""
+    if result.gap is not None:
+        return f"gap recovered: {result.gap:.0%} (from {result.start:.3f} at the start towards the teacher)"
+    if "teacher" in result.losses:
+        return "gap recovered: n/a (no starting loss in the manifest; xatl distill records it)"
+    return None

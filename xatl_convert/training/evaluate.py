@@ -1,0 +1,127 @@
+"""Held-out loss of a model (and its teacher) on the user's text: what `xatl eval` reports.
+
+The held-out split of `data` never trains (see `data`), so the number is comparable across runs, stages and arms.
+"Gap recovered" says how far a student has come from where it started towards its teacher:
+(start − now) / (start − teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xatl_convert.errors import ReportError
+
+from .data import DataError, DataSpec, PackedBlocks
+
+
+@dataclass(frozen=True)
+class HeldOutLoss:
+    """Mean next-token loss per predicted token over the held-out blocks, and its perplexity."""
+
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.loss < 700 else math.inf
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: nn.Module, blocks: PackedBlocks, batch_size: int = 4, max_blocks: int | None = None
+) -> HeldOutLoss:
+    """The model's loss on the first `max_blocks` blocks (all when None), computed in float32 batch by batch."""
+    model.eval()
+    data = blocks.blocks if max_blocks is None else blocks.blocks[:max_blocks]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        ids = data[start : start + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()
+        vocab = logits.shape[-1]
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return HeldOutLoss(total / count, count)
+
+
+def gap_recovered(start: float, now: float, teacher: float) -> float | None:
+    """(start − now) / (start − teacher): 0 at the start, 1 at the teacher; None when start is not above it."""
+    if not start > teacher:
+        return None
+    return (start - now) / (start - teacher)
+
+
+@dataclass
+class Evaluation:
+    """What `xatl eval` prints and writes: each model's held-out loss, and the gap recovered when known."""
+
+    model: str
+    data: str
+    losses: dict[str, HeldOutLoss]
+    start: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        if self.start is None or "teacher" not in self.losses:
+            return None
+        return gap_recovered(self.start, self.losses["model"].loss, self.losses["teacher"].loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "data": self.data,
+            "losses": {
+                name: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
+                for name, r in self.losses.items()
+            },
+            "start": self.start,
+            "gap_recovered": self.gap,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        try:
+            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        except OSError as error:
+            raise ReportError(f"{path}: cannot write the results ({error.strerror or error})") from None
+
+
+def evaluate_folder(
+    folder: Path,
+    data: str,
+    teacher: str | None = None,
+    block_size: int = 256,
+    max_blocks: int = 32,
+    batch_size: int = 4,
+) -> Evaluation:
+    """Score a converted (or trained) folder, and optionally its teacher, on the held-out split of `data`,
+    tokenised with the folder's own tokenizer. The starting loss for the gap comes from the manifest's
+    `distillation.start_loss`, which `xatl distill` records."""
+    from transformers import AutoModelForCausalLM
+
+    from xatl_convert.manifest import read_manifest
+    from xatl_convert.sources import resolve_source
+    from xatl_convert.verify.checks import _load_tokenizer, read_output_config
+
+    config = read_output_config(folder)
+    manifest = read_manifest(folder)
+    tokenizer = _load_tokenizer(folder)
+    blocks = PackedBlocks.build(DataSpec(data, block_size=block_size), tokenizer, "held_out")
+    if int(blocks.blocks.max()) >= config.vocab_size:
+        raise DataError(f"{folder}: its tokenizer gives ids beyond the model's vocab_size {config.vocab_size}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    losses = {"model": held_out_loss(model, blocks, batch_size, max_blocks)}
+    del model
+    if teacher is not None:
+        with resolve_source(teacher) as checkpoint:
+            source = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=False)
+        losses["teacher"] = held_out_loss(source, blocks, batch_size, max_blocks)
+    start = (manifest.get("distillation") or {}).get("start_loss")
+    return Evaluation(str(folder), data, losses, start if isinstance(start, (int, float)) else None)
