@@ -108,11 +108,11 @@ def evaluate_folder(
 
     from xatl_convert.manifest import read_manifest
     from xatl_convert.sources import resolve_source
-    from xatl_convert.verify.checks import _load_tokenizer, read_output_config
+    from xatl_convert.verify.checks import load_output_tokenizer, read_output_config
 
     config = read_output_config(folder)
     manifest = read_manifest(folder)
-    tokenizer = _load_tokenizer(folder)
+    tokenizer = load_output_tokenizer(folder)
     blocks = PackedBlocks.build(DataSpec(data, block_size=block_size), tokenizer, "held_out")
     if int(blocks.blocks.max()) >= config.vocab_size:
         raise DataError(f"{folder}: its tokenizer gives ids beyond the model's vocab_size {config.vocab_size}")

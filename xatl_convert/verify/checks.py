@@ -249,14 +249,14 @@ def sample_input_ids(
     if text is not None:
         if not has_tokenizer:
             raise OutputError(f"{folder}: has no tokenizer to read --text {text} with; convert again")
-        ids = _load_tokenizer(folder)(_read_text(Path(text)), return_tensors="pt").input_ids[:, :length]
+        ids = load_output_tokenizer(folder)(_read_text(Path(text)), return_tensors="pt").input_ids[:, :length]
         if ids.shape[1] < 2:
             raise XatlError(f"--text {text}: {ids.shape[1]} token(s); at least 2 are needed to score a text")
         if int(ids.max()) >= config.vocab_size:
             raise OutputError(f"{folder}: the tokenizer gives ids beyond vocab_size {config.vocab_size}")
         return ids
     if has_tokenizer:
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = load_output_tokenizer(folder)
         sample = resources.files("xatl_convert.verify").joinpath("sample.txt").read_text()
         ids = tokenizer(sample, return_tensors="pt").input_ids[:, :length]
         if ids.shape[1] >= 2 and int(ids.max()) < config.vocab_size:
@@ -274,7 +274,7 @@ def _read_text(path: Path) -> str:
         raise XatlError(f"--text {path}: not UTF-8 text (byte {error.start})") from None
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def load_output_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
