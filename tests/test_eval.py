@@ -48,7 +48,10 @@ def test_gap_recovered_reads_the_start_from_the_manifest(converted: Path, tmp_pa
 
     folder = Path(shutil.copytree(converted, tmp_path / "student"))
     manifest = json.loads((folder / "xatl_manifest.json").read_text())
-    (folder / "xatl_manifest.json").write_text(json.dumps({**manifest, "distillation": {"start_loss": 9.0}}))
+    (tmp_path / "text.txt").write_text(TEXT)
+    measured = {"start_loss": 9.0, "data": {"source": str(tmp_path / "text.txt")},
+                "settings": {"block_size": 32, "eval_blocks": 32}}  # fmt: skip
+    (folder / "xatl_manifest.json").write_text(json.dumps({**manifest, "distillation": measured}))
     (tmp_path / "text.txt").write_text(TEXT)
     report = tmp_path / "eval.json"
     args = ["eval", str(folder), "--data", str(tmp_path / "text.txt"), "--teacher", str(EXAMPLE_CHECKPOINT),
@@ -57,6 +60,9 @@ def test_gap_recovered_reads_the_start_from_the_manifest(converted: Path, tmp_pa
     data = json.loads(report.read_text())
     now, teacher = data["losses"]["model"]["loss"], data["losses"]["teacher"]["loss"]
     assert data["gap_recovered"] == pytest.approx((9.0 - now) / (9.0 - teacher))
+    args[args.index("--block-size") + 1] = "64"  # other blocks than the start's: no gap, and why
+    result = invoke(*args)
+    assert "gap recovered: n/a (the start was measured on other blocks" in result.stdout
     assert gap_recovered(9.0, 9.0, 3.0) == 0.0 and gap_recovered(9.0, 3.0, 3.0) == 1.0
     assert gap_recovered(3.0, 5.0, 4.0) is None  # a start not above the teacher has no gap to recover
 

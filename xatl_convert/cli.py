@@ -377,6 +377,65 @@ def _block_progress(show: bool) -> Iterator[Callable[[str, int, int], None] | No
         yield advance
 
 
+@app.command("distill", cls=PlainUsageCommand)
+def distill_command(
+    student: Annotated[Path, typer.Argument(metavar="STUDENT", help="A folder written by xatl convert.")],
+    teacher: Annotated[str, typer.Option(metavar="SRC", help="The source model: local folder, Hub id or alias.")],
+    data: Annotated[str, typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id.")],
+    out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder (same layout as a conversion).")],
+    stage: Annotated[str, typer.Option(metavar="STAGE", help="all (align, then kd), align or kd.")] = "all",
+    align_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage align.")] = 100,
+    kd_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage kd.")] = 100,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per step.")] = 4,
+    block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
+    temperature: Annotated[float, typer.Option(metavar="T", help="Temperature of the kd loss.")] = 1.0,
+    ce_weight: Annotated[float, typer.Option(metavar="W", help="Weight of a next-token loss added in kd.")] = 0.0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Order of the training blocks.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Train a conversion into a working model: each new mixer learns its attention layer (align), then the whole
+    model the teacher's logits (kd, with LIT). Writes OUT, which xatl verify and xatl eval accept."""
+    if stage not in ("all", "align", "kd"):
+        raise XatlError(f"--stage {stage!r}: expected all, align or kd")
+    _quiet_transformers()
+    from xatl_convert.training.distill import DistillSettings, distill
+
+    settings = DistillSettings(
+        align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, block_size=block_size,
+        temperature=temperature, ce_weight=ce_weight, seed=seed,
+    )  # fmt: skip
+    with _stage_progress(sys.stderr.isatty()) as progress:
+        record = distill(student, teacher, data, out, settings, stage, force, progress)  # type: ignore[arg-type]
+    _console().print(
+        f"[green]wrote[/] {out}: held-out loss {record['start_loss']:.3f} → {record['end_loss']:.3f} "
+        f"(teacher {record['teacher_loss']:.3f}); stages: {', '.join(s['stage'] for s in record['stages'])}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@contextmanager
+def _stage_progress(show: bool) -> Iterator[Callable[[str, int, int, dict[str, float]], None] | None]:
+    """On a terminal, one bar per distillation stage with its latest loss."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    loss = TextColumn("{task.fields[loss]}")
+    columns = (TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), loss, TimeElapsedColumn())
+    with Progress(*columns, console=_console(stderr=True)) as bars:
+        tasks: dict[str, Any] = {}
+
+        def advance(label: str, step: int, total: int, losses: dict[str, float]) -> None:
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=total, loss="")
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in losses.items())
+            bars.update(tasks[label], completed=step, loss=shown)
+
+        yield advance
+
+
 @app.command("eval", cls=PlainUsageCommand)
 def eval_command(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="A folder written by xatl convert (or trained).")],

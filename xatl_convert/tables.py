@@ -171,5 +171,5 @@ def eval_gap_line(result: Evaluation) -> str | None:
     if result.gap is not None:
         return f"gap recovered: {result.gap:.0%} (from {result.start:.3f} at the start towards the teacher)"
     if "teacher" in result.losses:
-        return "gap recovered: n/a (no starting loss in the manifest; xatl distill records it)"
+        return f"gap recovered: n/a ({result.no_start})"
     return None

@@ -67,6 +67,7 @@ class Evaluation:
     data: str
     losses: dict[str, HeldOutLoss]
     start: float | None = None
+    no_start: str = ""  # why there is no starting loss to measure the gap from
 
     @property
     def gap(self) -> float | None:
@@ -123,5 +124,20 @@ def evaluate_folder(
         with resolve_source(teacher) as checkpoint:
             source = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=False)
         losses["teacher"] = held_out_loss(source, blocks, batch_size, max_blocks)
-    start = (manifest.get("distillation") or {}).get("start_loss")
-    return Evaluation(str(folder), data, losses, start if isinstance(start, (int, float)) else None)
+    start, why = _recorded_start(manifest, data, block_size, max_blocks)
+    return Evaluation(str(folder), data, losses, start, why)
+
+
+def _recorded_start(manifest: dict[str, Any], data: str, block_size: int, max_blocks: int) -> tuple[float | None, str]:
+    """The student's starting loss from the distillation record, when it was measured on these same blocks."""
+    record = manifest.get("distillation")
+    if not isinstance(record, dict) or not isinstance(record.get("start_loss"), (int, float)):
+        return None, "no starting loss in the manifest"
+    settings, source = record.get("settings") or {}, (record.get("data") or {}).get("source")
+    measured = (source, settings.get("block_size"), settings.get("eval_blocks"))
+    if measured != (data, block_size, max_blocks):
+        return None, (
+            f"the start was measured on other blocks (--data {source} --block-size {measured[1]} "
+            f"--max-blocks {measured[2]})"
+        )
+    return float(record["start_loss"]), ""

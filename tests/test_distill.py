@@ -1,0 +1,88 @@
+"""`xatl distill`: align then kd from a conversion to a folder that verify and eval accept, with every stage
+recorded; nothing written on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.bad_input import error_line, invoke, tree_digest
+from tests.conftest import EXAMPLE_CHECKPOINT
+from xatl_convert.conversion import convert
+from xatl_convert.verify import verify
+
+pytest.importorskip("datasets")
+pytest.importorskip("accelerate")
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "\n\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "student"
+    convert(EXAMPLE_CHECKPOINT, out, attn_layers="1")
+    return out
+
+
+@pytest.fixture
+def text(tmp_path: Path) -> Path:
+    (tmp_path / "text.txt").write_text(TEXT)
+    return tmp_path / "text.txt"
+
+
+def _distill(student: Path, text: Path, out: Path, *extra: str):
+    return invoke("distill", student, "--teacher", EXAMPLE_CHECKPOINT, "--data", text, "--out", out,
+                  "--align-steps", "4", "--kd-steps", "3", "--block-size", "32", *extra)  # fmt: skip
+
+
+def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Path, text: Path, tmp_path: Path) -> None:
+    before = tree_digest(student)
+    out = tmp_path / "out"
+    result = _distill(student, text, out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: held-out loss" in result.stdout and "stages: align, kd" in result.stdout
+    assert tree_digest(student) == before  # the student folder is read, never written
+    kept = {p.name for p in student.iterdir()}
+    assert kept | {"distill_align.csv", "distill_kd.csv"} == {p.name for p in out.iterdir()}
+    record = json.loads((out / "xatl_manifest.json").read_text())["distillation"]
+    assert [stage["stage"] for stage in record["stages"]] == ["align", "kd"]
+    assert record["stages"][0]["tokens"] == 4 * 4 * 32 and record["stages"][1]["steps"] == 3
+    assert record["data"]["held_out_blocks"] > 0
+    assert all(0 < record[key] < 9 for key in ("teacher_loss", "start_loss", "end_loss"))  # below uniform (8.3)
+    with (out / "distill_align.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {"mean", "layer_0", "layer_2", "layer_3"} <= set(rows[0])  # layer 1 kept attention
+    old, new = load_file(student / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(old["model.layers.0.mixer.in_proj.weight"], new["model.layers.0.mixer.in_proj.weight"])
+    if record["stages"][1]["lit_unfrozen_at"] is None:  # frozen throughout: the transferred weights are the source's
+        assert torch.equal(old["model.layers.2.mlp.fc1.weight"], new["model.layers.2.mlp.fc1.weight"])
+    assert torch.equal(old["model.layers.1.mixer.q_proj.weight"], new["model.layers.1.mixer.q_proj.weight"])
+    report = verify(out)
+    assert report.passed
+    transfers = report.check("transfers exact")
+    assert transfers.status == "skip" and "trained after conversion by xatl distill (align, kd)" in transfers.value
+    assert report.check("source twin = source").status == "pass"  # the mapping is still checked
+    eval_json = tmp_path / "eval.json"
+    args = ["eval", out, "--data", text, "--teacher", EXAMPLE_CHECKPOINT, "--block-size", "32", "--json", eval_json]
+    assert invoke(*args).exit_code == 0
+    evaluation = json.loads(eval_json.read_text())
+    assert evaluation["start"] == record["start_loss"]  # eval reads where distill started
+    assert (evaluation["gap_recovered"] is not None) == (record["start_loss"] > record["teacher_loss"])
+
+
+def test_distill_refuses_bad_input_and_writes_nothing(student: Path, text: Path, tmp_path: Path) -> None:
+    before = tree_digest(tmp_path)
+    assert "--stage 'both': expected all, align or kd" in error_line(
+        _distill(student, text, tmp_path / "o", "--stage", "both")
+    )
+    assert "the student folder" in error_line(_distill(student, text, student))
+    assert "no such file or folder" in error_line(_distill(student, tmp_path / "missing.txt", tmp_path / "o"))
+    assert tree_digest(tmp_path) == before
+    (tmp_path / "taken").mkdir()
+    assert "already exists; pass --force" in error_line(_distill(student, text, tmp_path / "taken"))

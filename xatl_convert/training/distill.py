@@ -1,0 +1,227 @@
+"""`xatl distill`: from a conversion to a working model, align then kd, written as a folder verify accepts.
+
+Stages run in order on the student loaded in float32: `align` (each new mixer against its layer's attention, see
+`align`), then `kd` (end to end against the teacher's logits with LIT, see `kd`). The held-out loss of student and
+teacher is measured before and after on the data's held-out split; the output folder has the conversion's layout
+(config, modeling files, tokenizer, model card) with the trained weights, and its manifest records each stage
+(steps, tokens, losses, learning rates, the LIT step), the data and the starting loss that `xatl eval` needs for the
+gap recovered. Each stage also writes its per-step losses as CSV into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from xatl_convert.manifest import MANIFEST_NAME, read_manifest
+from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output, staged_output
+
+from .align import Aligner
+from .callback import LITCallback
+from .controller import LITController
+from .data import DataSpec, PackedBlocks
+from .evaluate import held_out_loss
+from .freeze import freeze_transferred, transferred_parameters
+from .kd import DistillationTrainer
+from .lit import LossImprovementThreshold
+
+Stage = Literal["all", "align", "kd"]
+Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, steps, latest losses)
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Every knob of a distillation run, recorded as is in the manifest."""
+
+    align_steps: int = 100
+    kd_steps: int = 100
+    batch_size: int = 4
+    block_size: int = 256
+    align_lr: float = 1e-3
+    kd_lr: float = 1e-4
+    unfreeze_lr: float = 1e-4
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    lit_preset: str = "paper-1pct"
+    lit_window: int = 20
+    held_out: float = 0.05
+    eval_blocks: int = 32  # as `xatl eval --max-blocks`, so that eval's gap uses the same blocks
+    seed: int = 0
+
+
+def distill(
+    student_folder: str | Path,
+    teacher_folder: str | Path,
+    data: str,
+    out: str | Path,
+    settings: DistillSettings = DistillSettings(),
+    stage: Stage = "all",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the stages and write OUT; returns the manifest's `distillation` record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from xatl_convert.sources import resolve_source
+
+    student_folder, out = Path(student_folder), Path(out)
+    with resolve_source(teacher_folder) as checkpoint:  # a local folder, a Hub id or an alias, as for convert
+        teacher_path = checkpoint.path
+        protected = {student_folder.resolve(): "the student folder", checkpoint.storage_root: "the teacher"}
+    refuse_unsafe_output(out, protected)
+    ensure_writable(out, force)
+    torch.manual_seed(settings.seed)
+    manifest = read_manifest(student_folder)
+    tokenizer = AutoTokenizer.from_pretrained(student_folder)
+    spec = DataSpec(data, block_size=settings.block_size, held_out=settings.held_out, seed=settings.seed)
+    train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
+    student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32, trust_remote_code=False)
+    record: dict[str, Any] = {
+        "teacher": str(teacher_folder),
+        "data": {"source": data, "train_blocks": len(train), "held_out_blocks": len(held_out)},
+        "settings": asdict(settings),
+        "teacher_loss": held_out_loss(teacher, held_out, settings.batch_size, settings.eval_blocks).loss,
+        "start_loss": held_out_loss(student, held_out, settings.batch_size, settings.eval_blocks).loss,
+        "stages": [],
+    }
+    logs: dict[str, list[dict[str, float]]] = {}
+    if stage in ("all", "align"):
+        record["stages"].append(_align(student, teacher, manifest, train, settings, logs, progress))
+    if stage in ("all", "kd"):
+        record["stages"].append(_kd(student, teacher, manifest, train, settings, logs, progress, out))
+    record["end_loss"] = held_out_loss(student, held_out, settings.batch_size, settings.eval_blocks).loss
+    _write(student, student_folder, out, manifest, record, logs, force)
+    return record
+
+
+def _batches(train: PackedBlocks, batch_size: int, start: int = 0) -> Callable[[int], torch.Tensor]:
+    """Batch `step` of the training blocks, cycling through them in their (seeded) order."""
+    count = len(train)
+
+    def batch(step: int) -> torch.Tensor:
+        first = (start + step * batch_size) % count
+        indices = [(first + offset) % count for offset in range(batch_size)]
+        return train.blocks[indices]
+
+    return batch
+
+
+def _align(student, teacher, manifest, train, settings, logs, progress) -> dict[str, Any]:
+    aligner = Aligner(student, teacher, manifest)
+    optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
+    batch = _batches(train, settings.batch_size)
+    rows, began = [], time.perf_counter()
+    for step in range(settings.align_steps):
+        losses = aligner.step(batch(step), optimizer)
+        mean = sum(losses.values()) / max(len(losses), 1)
+        rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
+        if progress is not None:
+            progress("align", step + 1, settings.align_steps, {"align": mean})
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    logs["align"] = rows
+    return {
+        "stage": "align",
+        "steps": settings.align_steps,
+        "tokens": settings.align_steps * settings.batch_size * settings.block_size,
+        "lr": settings.align_lr,
+        "final_mean_loss": rows[-1]["mean"] if rows else None,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+
+    frozen = transferred_parameters(student, manifest)
+    freeze_transferred(student, manifest)
+    trigger = LossImprovementThreshold.preset(settings.lit_preset, window=settings.lit_window)
+    lit = LITCallback(LITController(frozen, settings.unfreeze_lr, warmup_steps=10, trigger=trigger, weight_decay=0.0))
+    skip = settings.align_steps * settings.batch_size if settings.align_steps else 0
+    order = [(skip + index) % len(train) for index in range(len(train))]  # kd continues where align stopped
+    dataset = torch.utils.data.Subset(train, order)
+    rows: list[dict[str, float]] = []
+
+    class _Rows(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any):
+            if logs and "kd/kl" in logs:
+                rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, float)}})
+                if progress is not None:
+                    progress("kd", state.global_step, settings.kd_steps, {"kl": logs["kd/kl"]})
+
+    with _scratch(out) as scratch:
+        arguments = TrainingArguments(
+            output_dir=str(scratch), max_steps=settings.kd_steps, per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.kd_lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+            report_to=[], seed=settings.seed, data_seed=settings.seed, disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student, args=arguments, train_dataset=dataset, teacher=teacher,
+            temperature=settings.temperature, ce_weight=settings.ce_weight, callbacks=[lit, _Rows()],
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
+        began = time.perf_counter()
+        trainer.train()
+    logs["kd"] = rows
+    return {
+        "stage": "kd",
+        "steps": settings.kd_steps,
+        "tokens": settings.kd_steps * settings.batch_size * settings.block_size,
+        "lr": settings.kd_lr,
+        "temperature": settings.temperature,
+        "ce_weight": settings.ce_weight,
+        "lit_unfrozen_at": lit.unfrozen_at,
+        "final_kl": rows[-1].get("kd/kl") if rows else None,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+class _scratch:
+    """A private work folder beside OUT for the Trainer's files, removed afterwards whatever happens."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.parent / f".{out.name}.xatl-trainer"
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.path, ignore_errors=True)
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _weights(name: str) -> bool:
+    """The student's weight files, which the trained weights replace (the modeling code is kept)."""
+    return name.endswith((".safetensors", ".bin")) or name == "model.safetensors.index.json"
+
+
+def _write(student, student_folder, out, manifest, record, logs, force) -> None:
+    """The conversion's layout with the trained weights, the manifest with the `distillation` record, CSV logs."""
+    state = {name: tensor.detach().contiguous() for name, tensor in student.state_dict().items()}
+    if student.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    dtype = getattr(torch, manifest["target"]["dtype"])
+    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    with staged_output(out, force, sum(t.numel() * t.element_size() for t in state.values())) as staging:
+        for file in student_folder.iterdir():
+            if file.is_file() and not _weights(file.name) and file.name != MANIFEST_NAME:
+                shutil.copy2(file, staging / file.name)
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / MANIFEST_NAME).write_text(json.dumps({**manifest, "distillation": record}, indent=2) + "\n")
+        for stage, rows in logs.items():
+            if rows:
+                with (staging / f"distill_{stage}.csv").open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
+                    writer.writeheader()
+                    writer.writerows(rows)
