@@ -130,14 +130,8 @@ def _align(student, teacher, manifest, train, settings, logs, progress) -> dict[
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     logs["align"] = rows
-    return {
-        "stage": "align",
-        "steps": settings.align_steps,
-        "tokens": settings.align_steps * settings.batch_size * settings.block_size,
-        "lr": settings.align_lr,
-        "final_mean_loss": rows[-1]["mean"] if rows else None,
-        "seconds": time.perf_counter() - began,
-    }
+    final = rows[-1]["mean"] if rows else None
+    return _stage_record("align", settings.align_steps, settings.align_lr, settings, began, final_mean_loss=final)
 
 
 def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
@@ -174,17 +168,18 @@ def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dic
         began = time.perf_counter()
         trainer.train()
     logs["kd"] = rows
-    return {
-        "stage": "kd",
-        "steps": settings.kd_steps,
-        "tokens": settings.kd_steps * settings.batch_size * settings.block_size,
-        "lr": settings.kd_lr,
-        "temperature": settings.temperature,
-        "ce_weight": settings.ce_weight,
-        "lit_unfrozen_at": lit.unfrozen_at,
-        "final_kl": rows[-1].get("kd/kl") if rows else None,
-        "seconds": time.perf_counter() - began,
-    }
+    return _stage_record(
+        "kd", settings.kd_steps, settings.kd_lr, settings, began, temperature=settings.temperature,
+        ce_weight=settings.ce_weight, lit_unfrozen_at=lit.unfrozen_at, final_kl=rows[-1].get("kd/kl") if rows else None,
+    )  # fmt: skip
+
+
+def _stage_record(
+    stage: str, steps: int, lr: float, settings: DistillSettings, began: float, **extra: Any
+) -> dict[str, Any]:
+    """What the manifest keeps of one stage: its steps, tokens, learning rate, time and final losses."""
+    tokens = steps * settings.batch_size * settings.block_size
+    return {"stage": stage, "steps": steps, "tokens": tokens, "lr": lr, **extra, "seconds": time.perf_counter() - began}
 
 
 class _scratch:
