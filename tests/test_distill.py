@@ -78,7 +78,7 @@ def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Pa
 
 def test_distill_refuses_bad_input_and_writes_nothing(student: Path, text: Path, tmp_path: Path) -> None:
     before = tree_digest(tmp_path)
-    assert "--stage 'both': expected all, align or kd" in error_line(
+    assert "--stage 'both': expected all, align, kd or ce" in error_line(
         _distill(student, text, tmp_path / "o", "--stage", "both")
     )
     assert "the student folder" in error_line(_distill(student, text, student))
@@ -86,3 +86,15 @@ def test_distill_refuses_bad_input_and_writes_nothing(student: Path, text: Path,
     assert tree_digest(tmp_path) == before
     (tmp_path / "taken").mkdir()
     assert "already exists; pass --force" in error_line(_distill(student, text, tmp_path / "taken"))
+
+
+def test_stage_ce_is_the_papers_recipe_next_token_loss_with_lit(student: Path, text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _distill(student, text, out, "--stage", "ce")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "xatl_manifest.json").read_text())["distillation"]
+    assert [stage["stage"] for stage in record["stages"]] == ["ce"]
+    with (out / "distill_ce.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 and all(float(row["loss"]) > 0 for row in rows)
+    assert record["stages"][0]["final_loss"] == pytest.approx(float(rows[-1]["loss"]))

@@ -383,9 +383,11 @@ def distill_command(
     teacher: Annotated[str, typer.Option(metavar="SRC", help="The source model: local folder, Hub id or alias.")],
     data: Annotated[str, typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id.")],
     out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder (same layout as a conversion).")],
-    stage: Annotated[str, typer.Option(metavar="STAGE", help="all (align, then kd), align or kd.")] = "all",
+    stage: Annotated[
+        str, typer.Option(metavar="STAGE", help="all (align, then kd), align, kd, or ce (the paper: next-token + LIT).")
+    ] = "all",
     align_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage align.")] = 100,
-    kd_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage kd.")] = 100,
+    kd_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage kd (or ce).")] = 100,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per step.")] = 4,
     block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
     temperature: Annotated[float, typer.Option(metavar="T", help="Temperature of the kd loss.")] = 1.0,
@@ -395,8 +397,8 @@ def distill_command(
 ) -> None:
     """Train a conversion into a working model: each new mixer learns its attention layer (align), then the whole
     model the teacher's logits (kd, with LIT). Writes OUT, which xatl verify and xatl eval accept."""
-    if stage not in ("all", "align", "kd"):
-        raise XatlError(f"--stage {stage!r}: expected all, align or kd")
+    if stage not in ("all", "align", "kd", "ce"):
+        raise XatlError(f"--stage {stage!r}: expected all, align, kd or ce")
     _quiet_transformers()
     from xatl_convert.training.distill import DistillSettings, distill
 

@@ -34,7 +34,7 @@ from .freeze import freeze_transferred, transferred_parameters
 from .kd import DistillationTrainer
 from .lit import LossImprovementThreshold
 
-Stage = Literal["all", "align", "kd"]
+Stage = Literal["all", "align", "kd", "ce"]
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, steps, latest losses)
 
 
@@ -99,6 +99,8 @@ def distill(
         record["stages"].append(_align(student, teacher, manifest, train, settings, logs, progress))
     if stage in ("all", "kd"):
         record["stages"].append(_kd(student, teacher, manifest, train, settings, logs, progress, out))
+    if stage == "ce":
+        record["stages"].append(_ce(student, manifest, train, settings, logs, progress, out))
     record["end_loss"] = held_out_loss(student, held_out, settings.batch_size, settings.eval_blocks).loss
     _write(student, student_folder, out, manifest, record, logs, force)
     return record
@@ -135,23 +137,51 @@ def _align(student, teacher, manifest, train, settings, logs, progress) -> dict[
 
 
 def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
+    """End to end against the teacher's logits, transferred weights frozen until LIT (see `kd`)."""
+    extra = {"teacher": teacher, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
+    record = _train_with_lit("kd", "kd/kl", DistillationTrainer, extra, student, manifest, train, settings, logs,
+                             progress, out)  # fmt: skip
+    return {**record, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
+
+
+def _ce(student, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
+    """The XATL paper's own recipe, for comparison: next-token loss, transferred weights frozen until LIT."""
+    from transformers import Trainer
+
+    return _train_with_lit("ce", "loss", Trainer, {}, student, manifest, train, settings, logs, progress, out)
+
+
+def _train_with_lit(
+    stage: str,
+    key: str,
+    trainer_class: Any,
+    extra: dict[str, Any],
+    student,
+    manifest,
+    train,
+    settings,
+    logs,
+    progress,
+    out,
+) -> dict[str, Any]:
+    """A Trainer run of `settings.kd_steps` steps with the transferred weights frozen until LIT unfreezes them,
+    continuing in the training blocks where align stopped; its logged `key` is the stage's loss."""
     from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
     frozen = transferred_parameters(student, manifest)
     freeze_transferred(student, manifest)
     trigger = LossImprovementThreshold.preset(settings.lit_preset, window=settings.lit_window)
     lit = LITCallback(LITController(frozen, settings.unfreeze_lr, warmup_steps=10, trigger=trigger, weight_decay=0.0))
-    skip = settings.align_steps * settings.batch_size if settings.align_steps else 0
-    order = [(skip + index) % len(train) for index in range(len(train))]  # kd continues where align stopped
-    dataset = torch.utils.data.Subset(train, order)
+    skip = settings.align_steps * settings.batch_size if "align" in logs else 0  # continue where align stopped
+    dataset = torch.utils.data.Subset(train, [(skip + index) % len(train) for index in range(len(train))])
     rows: list[dict[str, float]] = []
 
     class _Rows(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any):
-            if logs and "kd/kl" in logs:
+            if logs and key in logs and "train_runtime" not in logs:
                 rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, float)}})
                 if progress is not None:
-                    progress("kd", state.global_step, settings.kd_steps, {"kl": logs["kd/kl"]})
+                    progress(stage, state.global_step, settings.kd_steps, {key.split("/")[-1]: logs[key]})
 
     with _scratch(out) as scratch:
         arguments = TrainingArguments(
@@ -160,18 +190,14 @@ def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dic
             report_to=[], seed=settings.seed, data_seed=settings.seed, disable_tqdm=True,
             dataloader_pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
-        trainer = DistillationTrainer(
-            model=student, args=arguments, train_dataset=dataset, teacher=teacher,
-            temperature=settings.temperature, ce_weight=settings.ce_weight, callbacks=[lit, _Rows()],
-        )  # fmt: skip
+        trainer = trainer_class(model=student, args=arguments, train_dataset=dataset, callbacks=[lit, _Rows()], **extra)
         trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
         began = time.perf_counter()
         trainer.train()
-    logs["kd"] = rows
-    return _stage_record(
-        "kd", settings.kd_steps, settings.kd_lr, settings, began, temperature=settings.temperature,
-        ce_weight=settings.ce_weight, lit_unfrozen_at=lit.unfrozen_at, final_kl=rows[-1].get("kd/kl") if rows else None,
-    )  # fmt: skip
+    logs[stage] = rows
+    final = rows[-1].get(key) if rows else None
+    return _stage_record(stage, settings.kd_steps, settings.kd_lr, settings, began, lit_unfrozen_at=lit.unfrozen_at,
+                         final_loss=final)  # fmt: skip
 
 
 def _stage_record(
