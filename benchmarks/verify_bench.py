@@ -190,17 +190,16 @@ def child_streamed(source: Path) -> None:
     import torch
 
     from xatl_convert.sources import resolve_source
-    from xatl_convert.verify.readers import CheckpointTensors
     from xatl_convert.verify.streaming import StreamedModel, return_freed_blocks_to_the_os
     from xatl_convert.verify.twin import source_skeleton
 
     return_freed_blocks_to_the_os()
     checkpoint = resolve_source(source)
-    model, layers = source_skeleton(checkpoint, torch.float32)
+    model, layers, reader = source_skeleton(checkpoint, torch.float32)
     vocab = checkpoint.config["vocab_size"]
     length = min(SAMPLE_TOKENS, checkpoint.config.get("max_position_embeddings", SAMPLE_TOKENS))
     input_ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    stream = StreamedModel(model, CheckpointTensors(checkpoint, model), layers)
+    stream = StreamedModel(model, reader, layers)
     start = time.perf_counter()
     logits = stream.forward(input_ids)
     forward_s = time.perf_counter() - start

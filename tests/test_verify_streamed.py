@@ -214,7 +214,7 @@ def test_a_mapping_that_drops_a_tensor_the_source_uses_has_no_twin(neox_checkpoi
     from xatl_convert.verify.twin import NoTwin, source_skeleton, unusable_reason
 
     plan = plan_conversion(neox_checkpoint, attn_layers="all")
-    model, layers = source_skeleton(plan.source, torch.float32)
+    model, layers, _ = source_skeleton(plan.source, torch.float32)
     unusable_reason(plan, model, layers)  # the built-in mapping uses every source parameter
     dropping = replace(plan, dropped={**plan.dropped, "gpt_neox.layers.2.attention.dense.bias": "no bias in xatl"})
     with pytest.raises(NoTwin, match=r"no place for source tensor gpt_neox\.layers\.2\.attention\.dense\.bias"):

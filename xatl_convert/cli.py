@@ -345,7 +345,7 @@ def verify_command(
         check_report_destination(json_path)  # fail before minutes of checks, not after
 
     _quiet_transformers()
-    with _block_progress(sys.stderr.isatty()) as progress:
+    with _labelled_bars(sys.stderr.isatty(), transient=True) as progress:
         report = run_verify(output, source, seed, device, layers, text, max_tokens, precision, progress)
     _console().print(verify_table(report))
     if json_path is not None:
@@ -357,22 +357,24 @@ def verify_command(
 
 
 @contextmanager
-def _block_progress(show: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """On a terminal, one bar per verify pass (converted model, from-scratch model, source, twin), block by block:
-    a 7B model takes minutes. Transient, so that the table is all that stays."""
+def _labelled_bars(show: bool, transient: bool) -> Iterator[Callable[..., None] | None]:
+    """On a terminal, one bar per label (a verify pass, a distillation stage) with its latest losses, if any:
+    these runs take minutes on real models. None (no display) when stderr is not a terminal."""
     if not show:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=_console(stderr=True), transient=True) as bars:
+    columns = (TextColumn("{task.description:>18}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[losses]}"), TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=_console(stderr=True), transient=transient) as bars:
         tasks: dict[str, Any] = {}
 
-        def advance(label: str, block: int, total: int) -> None:
+        def advance(label: str, done: int, total: int, losses: dict[str, float] | None = None) -> None:
             if label not in tasks:
-                tasks[label] = bars.add_task(label, total=total)
-            bars.update(tasks[label], completed=block)
+                tasks[label] = bars.add_task(label, total=total, losses="")
+            shown = ", ".join(f"{name} {value:.3f}" for name, value in (losses or {}).items())
+            bars.update(tasks[label], completed=done, losses=shown)
 
         yield advance
 
@@ -406,7 +408,7 @@ def distill_command(
         align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, block_size=block_size,
         temperature=temperature, ce_weight=ce_weight, seed=seed,
     )  # fmt: skip
-    with _stage_progress(sys.stderr.isatty()) as progress:
+    with _labelled_bars(sys.stderr.isatty(), transient=False) as progress:
         record = distill(student, teacher, data, out, settings, stage, force, progress)  # type: ignore[arg-type]
     _console().print(
         f"[green]wrote[/] {out}: held-out loss {record['start_loss']:.3f} → {record['end_loss']:.3f} "
@@ -414,28 +416,6 @@ def distill_command(
         soft_wrap=True,
         highlight=False,
     )
-
-
-@contextmanager
-def _stage_progress(show: bool) -> Iterator[Callable[[str, int, int, dict[str, float]], None] | None]:
-    """On a terminal, one bar per distillation stage with its latest loss."""
-    if not show:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    loss = TextColumn("{task.fields[loss]}")
-    columns = (TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), loss, TimeElapsedColumn())
-    with Progress(*columns, console=_console(stderr=True)) as bars:
-        tasks: dict[str, Any] = {}
-
-        def advance(label: str, step: int, total: int, losses: dict[str, float]) -> None:
-            if label not in tasks:
-                tasks[label] = bars.add_task(label, total=total, loss="")
-            shown = ", ".join(f"{name} {value:.3f}" for name, value in losses.items())
-            bars.update(tasks[label], completed=step, loss=shown)
-
-        yield advance
 
 
 @app.command("eval", cls=PlainUsageCommand)

@@ -99,7 +99,7 @@ def write_output(
         try:
             _write_folder(plan, staging, max_shard_bytes, command_line, show_progress)
         except (OSError, SafetensorError) as error:
-            raise OutputWriteError(f"{out}: cannot write {_failed_file(error, staging)}; nothing was written") from None
+            raise OutputWriteError(f"{out}: cannot write {failed_file(error, staging)}; nothing was written") from None
     return out
 
 
@@ -123,7 +123,7 @@ def _write_folder(
             for planned in shard.tensors:
                 tensors[planned.name] = producer.produce(planned)
                 advance(planned.nbytes)
-            _save_shard(tensors, staging / shard.file)
+            save_shard(tensors, staging / shard.file)
             del tensors
     if len(shards) > 1:
         _write_json(staging / SHARD_INDEX_NAME, _shard_index(shards))
@@ -144,7 +144,7 @@ def _write_folder(
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
 
 
-def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """save_file, with its I/O failures as OSErrors that name the shard (safetensors reports only the OS text)."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
@@ -155,7 +155,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
-def _failed_file(error: OSError | SafetensorError, staging: Path) -> str:
+def failed_file(error: OSError | SafetensorError, staging: Path) -> str:
     """'model.safetensors: No space left on device', naming the file inside OUT where the OS names one (a copy's
     error names its source first and its destination second)."""
     reason = (error.strerror if isinstance(error, OSError) else None) or first_line(error)

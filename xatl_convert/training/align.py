@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from xatl_convert.training.freeze import transferred_parameters
+from xatl_convert.verify.streaming import StreamingError, decoder_blocks
 
 ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")  # transformers' names, by family
 
@@ -37,15 +38,12 @@ def normalised_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def teacher_attention(teacher: nn.Module, num_layers: int) -> list[nn.Module]:
     """The attention module of each of the teacher's decoder blocks (self_attn, attention, attn, ...)."""
-    blocks = [
-        module
-        for module in teacher.modules()
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and num_layers > 0
-    ]
-    if len(blocks) != 1:
-        raise AlignError(f"{type(teacher).__name__}: cannot find its {num_layers} decoder blocks")
+    try:
+        _, blocks = decoder_blocks(teacher, num_layers)
+    except StreamingError:
+        raise AlignError(f"{type(teacher).__name__}: cannot find its {num_layers} decoder blocks") from None
     found = []
-    for index, block in enumerate(blocks[0]):
+    for index, block in enumerate(blocks):
         attention = next((getattr(block, name) for name in ATTENTION_NAMES if hasattr(block, name)), None)
         if attention is None:
             raise AlignError(

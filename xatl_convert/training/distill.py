@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
+from xatl_convert.errors import OutputWriteError
 from xatl_convert.manifest import MANIFEST_NAME, read_manifest
 from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output, staged_output
+from xatl_convert.writer import failed_file, save_shard
 
 from .align import Aligner
 from .callback import LITCallback
@@ -183,9 +186,9 @@ def _train_with_lit(
                 if progress is not None:
                     progress(stage, state.global_step, settings.kd_steps, {key.split("/")[-1]: logs[key]})
 
-    with _scratch(out) as scratch:
+    with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:  # the Trainer's files, never kept
         arguments = TrainingArguments(
-            output_dir=str(scratch), max_steps=settings.kd_steps, per_device_train_batch_size=settings.batch_size,
+            output_dir=scratch, max_steps=settings.kd_steps, per_device_train_batch_size=settings.batch_size,
             learning_rate=settings.kd_lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
             report_to=[], seed=settings.seed, data_seed=settings.seed, disable_tqdm=True,
             dataloader_pin_memory=torch.cuda.is_available(),
@@ -208,20 +211,6 @@ def _stage_record(
     return {"stage": stage, "steps": steps, "tokens": tokens, "lr": lr, **extra, "seconds": time.perf_counter() - began}
 
 
-class _scratch:
-    """A private work folder beside OUT for the Trainer's files, removed afterwards whatever happens."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out.parent / f".{out.name}.xatl-trainer"
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.path, ignore_errors=True)
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def _weights(name: str) -> bool:
     """The student's weight files, which the trained weights replace (the modeling code is kept)."""
     return name.endswith((".safetensors", ".bin")) or name == "model.safetensors.index.json"
@@ -234,15 +223,24 @@ def _write(student, student_folder, out, manifest, record, logs, force) -> None:
         state.pop("lm_head.weight", None)
     dtype = getattr(torch, manifest["target"]["dtype"])
     state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
-    with staged_output(out, force, sum(t.numel() * t.element_size() for t in state.values())) as staging:
-        for file in student_folder.iterdir():
-            if file.is_file() and not _weights(file.name) and file.name != MANIFEST_NAME:
-                shutil.copy2(file, staging / file.name)
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / MANIFEST_NAME).write_text(json.dumps({**manifest, "distillation": record}, indent=2) + "\n")
-        for stage, rows in logs.items():
-            if rows:
-                with (staging / f"distill_{stage}.csv").open("w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
-                    writer.writeheader()
-                    writer.writerows(rows)
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with staged_output(out, force, needed) as staging:
+        try:
+            _write_folder(student_folder, staging, state, manifest, record, logs)
+        except (OSError, SafetensorError) as error:
+            raise OutputWriteError(f"{out}: cannot write {failed_file(error, staging)}; nothing was written") from None
+
+
+def _write_folder(student_folder, staging, state, manifest, record, logs) -> None:
+    """Into the staging folder: the student's files but its weights and manifest, then the new ones."""
+    for file in student_folder.iterdir():
+        if file.is_file() and not _weights(file.name) and file.name != MANIFEST_NAME:
+            shutil.copy2(file, staging / file.name)
+    save_shard(state, staging / "model.safetensors")
+    (staging / MANIFEST_NAME).write_text(json.dumps({**manifest, "distillation": record}, indent=2) + "\n")
+    for stage, rows in logs.items():
+        if rows:
+            with (staging / f"distill_{stage}.csv").open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
+                writer.writeheader()
+                writer.writerows(rows)

@@ -55,8 +55,8 @@ def run_twin(
     if checkpoint is None:
         return TwinPass(CheckResult(NAME, "skip", no_source, bound, {"reason": no_source}))
     try:
-        source_model, source_layers = source_skeleton(checkpoint, run.dtype)
-        source = run.stream("source", source_model, CheckpointTensors(checkpoint, source_model), source_layers)
+        source_model, source_layers, reader = source_skeleton(checkpoint, run.dtype)
+        source = run.stream("source", source_model, reader, source_layers)
     except NoTwin as reason:
         return TwinPass(CheckResult(NAME, "skip", str(reason), bound, {"reason": str(reason)}))
     states: list[torch.Tensor] = []  # states[i]: block i's input; states[i + 1]: its output
@@ -136,9 +136,9 @@ def _summary(details: dict[str, Any], comparisons: int) -> str:
     return ", ".join(parts)
 
 
-def source_skeleton(checkpoint: SourceCheckpoint, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
-    """transformers' own model class for the source, on the meta device (no remote code, ever), and its number
-    of decoder blocks."""
+def source_skeleton(checkpoint: SourceCheckpoint, dtype: torch.dtype) -> tuple[torch.nn.Module, int, CheckpointTensors]:
+    """transformers' own model class for the source, on the meta device (no remote code, ever), its number of
+    decoder blocks, and the reader of its tensors under that class's names."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -151,11 +151,11 @@ def source_skeleton(checkpoint: SourceCheckpoint, dtype: torch.dtype) -> tuple[t
     if not isinstance(layers, int):
         raise NoTwin(f"the source config ({type(config).__name__}) does not say its number of layers")
     try:
-        CheckpointTensors(checkpoint, model)
+        reader = CheckpointTensors(checkpoint, model)
         decoder_blocks(model, layers)
     except StreamingError as error:
         raise NoTwin(str(error)) from None
-    return model, layers
+    return model, layers, reader
 
 
 def twin_plan(manifest: dict[str, Any], checkpoint: SourceCheckpoint, dtype: torch.dtype) -> ConversionPlan:
