@@ -293,13 +293,17 @@ def convert_command(
     )
     _print_warnings(plan.warnings)
     transferred, initialised = plan.by_status("transferred"), plan.by_status("initialised")
-    _console().print(
-        f"[green]wrote[/] {out}: {len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
+    _print_wrote(
+        out,
+        f"{len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
         f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
         f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}",
-        soft_wrap=True,
-        highlight=False,
     )
+
+
+def _print_wrote(out: Path, what: str) -> None:
+    """The one line a command that writes a folder ends with: where, and what it holds."""
+    _console().print(f"[green]wrote[/] {out}: {what}", soft_wrap=True, highlight=False)
 
 
 @app.command("verify", cls=PlainUsageCommand)
@@ -410,11 +414,10 @@ def distill_command(
     )  # fmt: skip
     with _labelled_bars(sys.stderr.isatty(), transient=False) as progress:
         record = distill(student, teacher, data, out, settings, stage, force, progress)  # type: ignore[arg-type]
-    _console().print(
-        f"[green]wrote[/] {out}: held-out loss {record['start_loss']:.3f} → {record['end_loss']:.3f} "
-        f"(teacher {record['teacher_loss']:.3f}); stages: {', '.join(s['stage'] for s in record['stages'])}",
-        soft_wrap=True,
-        highlight=False,
+    _print_wrote(
+        out,
+        f"held-out loss {record['start_loss']:.3f} → {record['end_loss']:.3f} (teacher {record['teacher_loss']:.3f}); "
+        f"stages: {', '.join(s['stage'] for s in record['stages'])}",
     )
 
 
