@@ -49,7 +49,7 @@ def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Pa
     assert f"wrote {out}: held-out loss" in result.stdout and "stages: align, kd" in result.stdout
     assert tree_digest(student) == before  # the student folder is read, never written
     kept = {p.name for p in student.iterdir()}
-    assert kept | {"distill_align.csv", "distill_kd.csv"} == {p.name for p in out.iterdir()}
+    assert kept | {"distill_align.csv", "distill_kd.csv", "distill_curve.csv"} == {p.name for p in out.iterdir()}
     record = json.loads((out / "xatl_manifest.json").read_text())["distillation"]
     assert [stage["stage"] for stage in record["stages"]] == ["align", "kd"]
     assert record["stages"][0]["tokens"] == 4 * 4 * 32 and record["stages"][1]["steps"] == 3

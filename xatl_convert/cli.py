@@ -394,10 +394,31 @@ def distill_command(
     ] = "all",
     align_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage align.")] = 100,
     kd_steps: Annotated[int, typer.Option(metavar="N", help="Optimiser steps of stage kd (or ce).")] = 100,
-    batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per step.")] = 4,
+    align_tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="Tokens of stage align instead of --align-steps (rounded up).")
+    ] = None,
+    kd_tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="Tokens of stage kd (or ce) instead of --kd-steps (rounded up).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per optimiser step, over all processes.")] = 4,
+    grad_accum: Annotated[int, typer.Option(metavar="N", help="Micro-batches per optimiser step.")] = 1,
     block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
+    align_lr: Annotated[float, typer.Option(metavar="LR", help="AdamW learning rate of stage align.")] = 1e-3,
+    kd_lr: Annotated[float, typer.Option(metavar="LR", help="AdamW learning rate of stage kd (or ce).")] = 1e-4,
+    unfreeze_lr: Annotated[
+        float, typer.Option(metavar="LR", help="Learning rate of the weights LIT unfreezes.")
+    ] = 1e-4,
+    freeze: Annotated[
+        bool, typer.Option("--freeze/--no-freeze", help="Freeze transferred weights until LIT (kd, ce).")
+    ] = True,
     temperature: Annotated[float, typer.Option(metavar="T", help="Temperature of the kd loss.")] = 1.0,
     ce_weight: Annotated[float, typer.Option(metavar="W", help="Weight of a next-token loss added in kd.")] = 0.0,
+    eval_every: Annotated[int, typer.Option(metavar="N", help="Held-out loss every N steps, for the curve.")] = 0,
+    save_every: Annotated[int, typer.Option(metavar="N", help="Checkpoint every N steps (beside OUT).")] = 0,
+    checkpoints: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Checkpoint folder (default: OUT.checkpoints).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     seed: Annotated[int, typer.Option(metavar="N", help="Order of the training blocks.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -408,12 +429,34 @@ def distill_command(
     _quiet_transformers()
     from xatl_convert.training.distill import DistillSettings, distill
 
+    for option, value in {"--batch-size": batch_size, "--grad-accum": grad_accum, "--block-size": block_size}.items():
+        if value < 1:
+            raise XatlError(f"{option} {value}: expected a positive number")
+    tokens_per_step = batch_size * block_size
+    if align_tokens is not None:
+        align_steps = -(-align_tokens // tokens_per_step)
+    if kd_tokens is not None:
+        kd_steps = -(-kd_tokens // tokens_per_step)
     settings = DistillSettings(
-        align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, block_size=block_size,
-        temperature=temperature, ce_weight=ce_weight, seed=seed,
+        align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, grad_accum=grad_accum,
+        block_size=block_size, align_lr=align_lr, kd_lr=kd_lr, unfreeze_lr=unfreeze_lr, freeze=freeze,
+        temperature=temperature, ce_weight=ce_weight, eval_every=eval_every, save_every=save_every, seed=seed,
     )  # fmt: skip
     with _labelled_bars(sys.stderr.isatty(), transient=False) as progress:
-        record = distill(student, teacher, data, out, settings, stage, force, progress)  # type: ignore[arg-type]
+        record = distill(
+            student,
+            teacher,
+            data,
+            out,
+            settings,
+            stage,
+            force,
+            progress,
+            checkpoints,
+            resume,  # type: ignore[arg-type]
+        )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under accelerate launch, the main process says it
     _print_wrote(
         out,
         f"held-out loss {record['start_loss']:.3f} → {record['end_loss']:.3f} (teacher {record['teacher_loss']:.3f}); "

@@ -30,10 +30,13 @@ class AlignError(ValueError):
 
 
 def normalised_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE relative to the target's own mean square: 1.0 for a mixer that outputs zeros, whatever the layer's scale
-    (attention outputs differ by orders of magnitude across depth), so per-layer losses can be compared and summed."""
+    """MSE relative to the target's own mean square, per sequence, averaged over the batch: 1.0 for a mixer that
+    outputs zeros, whatever the layer's scale (attention outputs differ by orders of magnitude across depth), so
+    per-layer losses can be compared and summed. Per sequence, so that a batch split into micro-batches or across
+    processes gives the same loss and gradient as the whole batch."""
     target = target.float()
-    return (prediction.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+    error = (prediction.float() - target).pow(2).flatten(1).mean(dim=1)
+    return (error / target.pow(2).flatten(1).mean(dim=1).clamp_min(1e-12)).mean()
 
 
 def teacher_attention(teacher: nn.Module, num_layers: int) -> list[nn.Module]:
@@ -115,21 +118,35 @@ class Aligner:
     def trainable(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.student.parameters() if parameter.requires_grad]
 
-    def step(self, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[int, float]:
-        """One optimiser step over every LCI layer; returns each layer's normalised MSE before the step."""
+    def step(
+        self, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer, micro_batches: int = 1
+    ) -> dict[int, float]:
+        """One optimiser step over every LCI layer; returns each layer's normalised MSE before the step.
+
+        `input_ids` is this process's share of the step's batch, run in `micro_batches` pieces whose gradients
+        add up (gradient accumulation). Under data parallelism (an initialised process group, e.g. from
+        `accelerate launch`), gradients and losses are averaged over the processes before the step, so every
+        process takes the same step as one process over the whole batch."""
+        optimizer.zero_grad(set_to_none=True)
+        totals: dict[int, float] = {}
+        pieces = input_ids.chunk(micro_batches)
+        for piece in pieces:
+            share = len(piece) / len(input_ids)
+            for index, loss in self._losses(piece):
+                (loss * share).backward()  # this layer's graph only: freed before the next layer builds its own
+                totals[index] = totals.get(index, 0.0) + loss.item() * share
+        losses = _average_over_processes(self.trainable(), totals)
+        optimizer.step()
+        return losses
+
+    def _losses(self, input_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each LCI layer's loss on `input_ids`, layer by layer after one teacher forward."""
         with torch.no_grad(), attention_taps(self.attention) as pairs:
             self.teacher(input_ids=input_ids)
-        optimizer.zero_grad(set_to_none=True)
-        losses = {}
         blocks = self.student.model.layers
         for index in self.layers:
             hidden, target = pairs.pop(index)  # freed as soon as its layer is done
-            prediction = blocks[index].mixer(hidden.to(_dtype(blocks[index])))
-            loss = normalised_mse(prediction, target)
-            loss.backward()  # this layer's graph only: freed before the next layer builds its own
-            losses[index] = loss.item()
-        optimizer.step()
-        return losses
+            yield index, normalised_mse(blocks[index].mixer(hidden.to(_dtype(blocks[index]))), target)
 
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor) -> dict[int, float]:
@@ -143,6 +160,22 @@ class Aligner:
             ).item()
             for index in self.layers
         }
+
+
+def _average_over_processes(parameters: list[nn.Parameter], losses: dict[int, float]) -> dict[int, float]:
+    """Average gradients and losses over the data-parallel processes (nothing to do in one process)."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        return losses
+    world = distributed.get_world_size()
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        distributed.all_reduce(parameter.grad, op=distributed.ReduceOp.SUM)
+        parameter.grad /= world
+    values = torch.tensor(list(losses.values()), dtype=torch.float64)
+    distributed.all_reduce(values, op=distributed.ReduceOp.SUM)
+    return dict(zip(losses, (values / world).tolist(), strict=True))
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

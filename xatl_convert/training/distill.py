@@ -1,11 +1,18 @@
 """`xatl distill`: from a conversion to a working model, align then kd, written as a folder verify accepts.
 
 Stages run in order on the student loaded in float32: `align` (each new mixer against its layer's attention, see
-`align`), then `kd` (end to end against the teacher's logits with LIT, see `kd`). The held-out loss of student and
-teacher is measured before and after on the data's held-out split; the output folder has the conversion's layout
-(config, modeling files, tokenizer, model card) with the trained weights, and its manifest records each stage
-(steps, tokens, losses, learning rates, the LIT step), the data and the starting loss that `xatl eval` needs for the
-gap recovered. Each stage also writes its per-step losses as CSV into the output folder.
+`align`), then `kd` (end to end against the teacher's logits with LIT, see `kd`); `ce` is the XATL paper's recipe
+(next-token loss with LIT, no teacher) for comparison. The held-out loss of student and teacher is measured before
+and after on the data's held-out split (and every `eval_every` steps, for the curve); the output folder has the
+conversion's layout (config, modeling files, tokenizer, model card) with the trained weights, and its manifest
+records each stage (steps, tokens, losses, learning rates, the LIT step), the data and the starting loss that
+`xatl eval` needs for the gap recovered. Each stage writes its per-step losses as CSV into the output folder, and the
+held-out curve goes to `distill_curve.csv`.
+
+Distribution comes from accelerate: under `accelerate launch`, kd and ce are the HF Trainer's (data parallel, FSDP
+or DeepSpeed from the accelerate config) and align averages its gradients over the processes; `batch_size` is the
+global batch (processes × per-process batch × `grad_accum`), so a run's losses do not depend on how many processes
+share it. With `save_every`, checkpoints go to a folder beside OUT and `resume` continues from the last one.
 """
 
 from __future__ import annotations
@@ -15,21 +22,24 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
+from transformers import TrainerCallback
 
-from xatl_convert.errors import OutputWriteError
+from xatl_convert.errors import OutputWriteError, XatlError
 from xatl_convert.manifest import MANIFEST_NAME, read_manifest
 from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output, staged_output
 from xatl_convert.writer import failed_file, save_shard
 
 from .align import Aligner
-from .callback import LITCallback
+from .callback import LITCallback, LITTrainer
+from .checkpoints import RunCheckpoints
 from .controller import LITController
 from .data import DataSpec, PackedBlocks
 from .evaluate import held_out_loss
@@ -41,24 +51,46 @@ Stage = Literal["all", "align", "kd", "ce"]
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, steps, latest losses)
 
 
+class DistillSettingsError(XatlError):
+    """Settings that cannot run (a batch that does not split over processes and accumulation steps)."""
+
+
 @dataclass(frozen=True)
 class DistillSettings:
     """Every knob of a distillation run, recorded as is in the manifest."""
 
     align_steps: int = 100
     kd_steps: int = 100
-    batch_size: int = 4
+    batch_size: int = 4  # blocks per optimiser step, over all processes and accumulation steps
+    grad_accum: int = 1
     block_size: int = 256
     align_lr: float = 1e-3
     kd_lr: float = 1e-4
     unfreeze_lr: float = 1e-4
     temperature: float = 1.0
     ce_weight: float = 0.0
+    freeze: bool = True  # transferred weights frozen until LIT (XATL); False trains every weight from the start
     lit_preset: str = "paper-1pct"
     lit_window: int = 20
     held_out: float = 0.05
     eval_blocks: int = 32  # as `xatl eval --max-blocks`, so that eval's gap uses the same blocks
+    eval_every: int = 0  # steps between held-out evaluations for the curve (0: start and end only)
+    save_every: int = 0  # steps between checkpoints (0: none)
     seed: int = 0
+
+    def per_process_batch(self, processes: int) -> int:
+        """Blocks in one forward of one process; the global batch must split evenly."""
+        parts = processes * self.grad_accum
+        if self.batch_size % parts:
+            raise DistillSettingsError(
+                f"--batch-size {self.batch_size} does not split over {processes} process(es) × --grad-accum "
+                f"{self.grad_accum}; choose a multiple of {parts}"
+            )
+        return self.batch_size // parts
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
 
 
 def distill(
@@ -70,8 +102,14 @@ def distill(
     stage: Stage = "all",
     force: bool = False,
     progress: Progress | None = None,
+    checkpoints: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the stages and write OUT; returns the manifest's `distillation` record."""
+    """Run the stages and write OUT (from the main process); returns the manifest's `distillation` record.
+
+    `checkpoints` is the checkpoint folder (default `OUT.checkpoints` when `settings.save_every` is set); `resume`
+    continues from it. It is removed once OUT is written."""
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xatl_convert.sources import resolve_source
@@ -82,6 +120,14 @@ def distill(
         protected = {student_folder.resolve(): "the student folder", checkpoint.storage_root: "the teacher"}
     refuse_unsafe_output(out, protected)
     ensure_writable(out, force)
+    processes = PartialState()  # initialises the process group under `accelerate launch`; one process otherwise
+    settings.per_process_batch(processes.num_processes)
+    if checkpoints is None and (settings.save_every or resume):
+        checkpoints = out.parent / f"{out.name}.checkpoints"
+    identity = {"student": str(student_folder.resolve()), "teacher": str(teacher_folder), "data": data,
+                "stage": stage, "settings": asdict(settings)}  # fmt: skip
+    saved = RunCheckpoints(Path(checkpoints) if checkpoints else None, identity, resume, processes.is_main_process)
+    processes.wait_for_everyone()  # the main process has checked and created the folder
     torch.manual_seed(settings.seed)
     manifest = read_manifest(student_folder)
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
@@ -89,24 +135,218 @@ def distill(
     train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
     student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32, trust_remote_code=False)
-    record: dict[str, Any] = {
-        "teacher": str(teacher_folder),
-        "data": {"source": data, "train_blocks": len(train), "held_out_blocks": len(held_out)},
-        "settings": asdict(settings),
-        "teacher_loss": held_out_loss(teacher, held_out, settings.batch_size, settings.eval_blocks).loss,
-        "start_loss": held_out_loss(student, held_out, settings.batch_size, settings.eval_blocks).loss,
-        "stages": [],
-    }
-    logs: dict[str, list[dict[str, float]]] = {}
-    if stage in ("all", "align"):
-        record["stages"].append(_align(student, teacher, manifest, train, settings, logs, progress))
-    if stage in ("all", "kd"):
-        record["stages"].append(_kd(student, teacher, manifest, train, settings, logs, progress, out))
-    if stage == "ce":
-        record["stages"].append(_ce(student, manifest, train, settings, logs, progress, out))
-    record["end_loss"] = held_out_loss(student, held_out, settings.batch_size, settings.eval_blocks).loss
-    _write(student, student_folder, out, manifest, record, logs, force)
+    run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes)
+    record = run.start_record(teacher_folder, data)
+    for name in ("align", "kd") if stage == "all" else (stage,):
+        record["stages"].append(saved.stage_done(name) or run.stage(name))
+    run.restore_finished_weights()
+    record["end_loss"] = run.evaluate("end", 0)
+    if processes.is_main_process:
+        _write(student, student_folder, out, manifest, record, saved.progress, force)
+        saved.remove()
+    processes.wait_for_everyone()
     return record
+
+
+class _Run:
+    """One distillation run's models, data, clock and logs; each stage is a method."""
+
+    def __init__(self, student, teacher, manifest, train, held_out, settings, saved, progress, processes) -> None:
+        self.student, self.teacher, self.manifest = student, teacher, manifest
+        self.train, self.held_out, self.settings = train, held_out, settings
+        self.saved, self.report, self.processes = saved, progress, processes
+        self.log = saved.progress  # logs, curve and seconds: kept in the checkpoint, so a resume continues them
+        self._since = time.perf_counter()
+        self._weights_current = not saved.progress["done"]  # a resumed run restores finished stages' weights
+
+    def seconds(self) -> float:
+        """Training time so far, across resumes, without the held-out evaluations."""
+        return self.log["seconds"] + time.perf_counter() - self._since
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._since += time.perf_counter() - began
+
+    def tokens_before(self, stage: str) -> int:
+        return sum(r["tokens"] for r in self.log["done"] if r["stage"] != stage)
+
+    def evaluate(self, stage: str, step: int) -> float:
+        """Held-out loss now, added to the curve (tokens and training seconds so far)."""
+        with self._paused():
+            training = self.student.training
+            loss = held_out_loss(self.student, self.held_out, self.settings.batch_size, self.settings.eval_blocks).loss
+            self.student.train(training)
+        tokens = self.tokens_before(stage) + step * self.settings.tokens_per_step
+        self.log["curve"].append({"stage": stage, "step": step, "tokens": tokens, "seconds": round(self.seconds(), 3),
+                                  "held_out_loss": loss})  # fmt: skip
+        return loss
+
+    def start_record(self, teacher_folder, data) -> dict[str, Any]:
+        if "start" not in self.log:
+            with self._paused():
+                settings = self.settings
+                teacher = held_out_loss(self.teacher, self.held_out, settings.batch_size, settings.eval_blocks)
+            self.log["start"] = {"teacher_loss": teacher.loss, "start_loss": self.evaluate("start", 0)}
+        return {
+            "teacher": str(teacher_folder),
+            "data": {"source": data, "train_blocks": len(self.train), "held_out_blocks": len(self.held_out)},
+            "settings": asdict(self.settings),
+            **self.log["start"],
+            "stages": [],
+        }
+
+    def restore_finished_weights(self) -> None:
+        """A resumed run whose stages had all finished: the last one's final checkpoint holds the weights."""
+        if not self._weights_current and self.log["done"]:
+            self.saved.load_final(self.student, self.log["done"][-1]["stage"])
+            self._weights_current = True
+
+    def stage(self, name: str) -> dict[str, Any]:
+        if not self._weights_current:  # a resumed run whose align finished before: its weights are checkpointed
+            self.saved.load_align(self.student, None)
+            self._weights_current = True
+        record = self.align() if name == "align" else self.train_with_lit(name)
+        self.log["done"].append(record)
+        if name == "align":
+            self.saved.save_align(self.student, self._align_optimizer, self.settings.align_steps)
+        self._save_progress()
+        return record
+
+    def _save_progress(self) -> None:
+        self.log["seconds"], self._since = self.seconds(), time.perf_counter()
+        self.saved.save_progress()
+
+    def _show(self, stage: str, step: int, steps: int, losses: dict[str, float], stage_began: tuple[float, int]):
+        if self.report is None or not self.processes.is_main_process:
+            return
+        seconds, first = stage_began
+        elapsed = self.seconds() - seconds
+        rate = (step - first) * self.settings.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        self.report(stage, step, steps, {**losses, "tok/s": rate})
+
+    def align(self) -> dict[str, Any]:
+        settings, rows = self.settings, self.log["logs"].setdefault("align", [])
+        aligner = Aligner(self.student, self.teacher, self.manifest)
+        self._align_optimizer = optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
+        done = self.saved.load_align(self.student, optimizer) if self.saved.resumed else 0
+        del rows[done:]
+        self.log["curve"] = [p for p in self.log["curve"] if p["stage"] != "align" or p["step"] <= done]
+        batch, began = _batches(self.train, settings.batch_size), (self.seconds(), done)
+        rank, world = self.processes.process_index, self.processes.num_processes
+        for step in range(done, settings.align_steps):
+            share = batch(step).chunk(world)[rank]
+            losses = aligner.step(share, optimizer, micro_batches=settings.grad_accum)
+            mean = sum(losses.values()) / max(len(losses), 1)
+            rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
+            self._show("align", step + 1, settings.align_steps, {"align": mean}, began)
+            self._checkpoint_points("align", step + 1, lambda step=step: self.saved.save_align(
+                self.student, optimizer, step + 1))  # fmt: skip
+        for parameter in self.student.parameters():
+            parameter.requires_grad_(True)
+        final = rows[-1]["mean"] if rows else None
+        return _stage_record("align", settings.align_steps, settings.align_lr, settings, final_mean_loss=final)
+
+    def _checkpoint_points(self, stage: str, step: int, save: Callable[[], None]) -> None:
+        """After an align step: the curve's held-out point and the checkpoint, when their step comes."""
+        settings = self.settings
+        if settings.eval_every and step % settings.eval_every == 0:
+            self.evaluate(stage, step)
+        if settings.save_every and step % settings.save_every == 0:
+            save()
+            self._save_progress()
+
+    def train_with_lit(self, stage: str) -> dict[str, Any]:
+        """A Trainer run of `settings.kd_steps` steps (kd: against the teacher's logits; ce: next-token loss), the
+        transferred weights frozen until LIT unfreezes them (unless `freeze` is off), continuing in the training
+        blocks where align stopped; resumed from the stage's last Trainer checkpoint when there is one."""
+        from transformers import PrinterCallback, TrainingArguments
+
+        settings, student = self.settings, self.student
+        key = "kd/kl" if stage == "kd" else "loss"
+        callbacks: list[Any] = [_StageCallback(self, stage, key)]
+        lit = None
+        if settings.freeze:
+            frozen = transferred_parameters(student, self.manifest)
+            freeze_transferred(student, self.manifest)
+            trigger = LossImprovementThreshold.preset(settings.lit_preset, window=settings.lit_window)
+            controller = LITController(frozen, settings.unfreeze_lr, warmup_steps=10, trigger=trigger, weight_decay=0.0)
+            lit = LITCallback(controller)
+            callbacks.insert(0, lit)
+        skip = settings.align_steps * settings.batch_size if self.saved.stage_done("align") else 0
+        dataset = torch.utils.data.Subset(self.train, [(skip + i) % len(self.train) for i in range(len(self.train))])
+        resume_from = self.saved.latest_trainer_checkpoint(stage)
+        rows = self.log["logs"].setdefault(stage, [])
+        done = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
+        del rows[done:]
+        self.log["curve"] = [p for p in self.log["curve"] if p["stage"] != stage or p["step"] <= done]
+        extra: dict[str, Any] = {}
+        trainer_class: Any = LITTrainer
+        if stage == "kd":
+            trainer_class = DistillationTrainer
+            extra = {"teacher": self.teacher, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
+        with _trainer_folder(self.saved.trainer_folder(stage)) as output_dir:
+            arguments = TrainingArguments(
+                output_dir=str(output_dir), max_steps=settings.kd_steps,
+                per_device_train_batch_size=settings.per_process_batch(self.processes.num_processes),
+                gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.kd_lr,
+                lr_scheduler_type="constant", logging_steps=1, report_to=[], seed=settings.seed,
+                data_seed=settings.seed, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+                save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
+                save_total_limit=2,
+            )  # fmt: skip
+            trainer = trainer_class(model=student, args=arguments, train_dataset=dataset, callbacks=callbacks, **extra)
+            trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
+            callbacks[-1].began = (self.seconds(), done)
+            trainer.train(resume_from_checkpoint=resume_from)
+        for parameter in student.parameters():
+            parameter.requires_grad_(True)
+        final = rows[-1].get(key) if rows else None
+        record = _stage_record(stage, settings.kd_steps, settings.kd_lr, settings, final_loss=final,
+                               lit_unfrozen_at=None if lit is None else lit.unfrozen_at)  # fmt: skip
+        if stage == "kd":
+            record.update(temperature=settings.temperature, ce_weight=settings.ce_weight)
+        return record
+
+
+class _StageCallback(TrainerCallback):
+    """Rows of the stage's CSV log, progress with tokens/s, the held-out curve and the run's progress file, from the
+    Trainer's own events (its checkpoints hold the weights, optimiser and LIT state)."""
+
+    def __init__(self, run: _Run, stage: str, key: str) -> None:
+        self.run, self.stage, self.key = run, stage, key
+        self.began = (0.0, 0)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
+        if logs and self.key in logs and "train_runtime" not in logs:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            self.run.log["logs"][self.stage].append(row)
+            losses = {self.key.split("/")[-1]: logs[self.key]}
+            self.run._show(self.stage, state.global_step, args.max_steps, losses, self.began)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        every = self.run.settings.eval_every
+        if every and state.global_step % every == 0:
+            self.run.evaluate(self.stage, state.global_step)
+        return control
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
+        self.run._save_progress()
+        return control
+
+
+@contextmanager
+def _trainer_folder(folder: Path | None) -> Iterator[Path]:
+    """The Trainer's output folder: the run's checkpoint folder for the stage, or a scratch one that is removed."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:
+        yield Path(scratch)
 
 
 def _batches(train: PackedBlocks, batch_size: int, start: int = 0) -> Callable[[int], torch.Tensor]:
@@ -121,94 +361,9 @@ def _batches(train: PackedBlocks, batch_size: int, start: int = 0) -> Callable[[
     return batch
 
 
-def _align(student, teacher, manifest, train, settings, logs, progress) -> dict[str, Any]:
-    aligner = Aligner(student, teacher, manifest)
-    optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
-    batch = _batches(train, settings.batch_size)
-    rows, began = [], time.perf_counter()
-    for step in range(settings.align_steps):
-        losses = aligner.step(batch(step), optimizer)
-        mean = sum(losses.values()) / max(len(losses), 1)
-        rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
-        if progress is not None:
-            progress("align", step + 1, settings.align_steps, {"align": mean})
-    for parameter in student.parameters():
-        parameter.requires_grad_(True)
-    logs["align"] = rows
-    final = rows[-1]["mean"] if rows else None
-    return _stage_record("align", settings.align_steps, settings.align_lr, settings, began, final_mean_loss=final)
-
-
-def _kd(student, teacher, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
-    """End to end against the teacher's logits, transferred weights frozen until LIT (see `kd`)."""
-    extra = {"teacher": teacher, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
-    record = _train_with_lit("kd", "kd/kl", DistillationTrainer, extra, student, manifest, train, settings, logs,
-                             progress, out)  # fmt: skip
-    return {**record, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
-
-
-def _ce(student, manifest, train, settings, logs, progress, out) -> dict[str, Any]:
-    """The XATL paper's own recipe, for comparison: next-token loss, transferred weights frozen until LIT."""
-    from transformers import Trainer
-
-    return _train_with_lit("ce", "loss", Trainer, {}, student, manifest, train, settings, logs, progress, out)
-
-
-def _train_with_lit(
-    stage: str,
-    key: str,
-    trainer_class: Any,
-    extra: dict[str, Any],
-    student,
-    manifest,
-    train,
-    settings,
-    logs,
-    progress,
-    out,
-) -> dict[str, Any]:
-    """A Trainer run of `settings.kd_steps` steps with the transferred weights frozen until LIT unfreezes them,
-    continuing in the training blocks where align stopped; its logged `key` is the stage's loss."""
-    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
-
-    frozen = transferred_parameters(student, manifest)
-    freeze_transferred(student, manifest)
-    trigger = LossImprovementThreshold.preset(settings.lit_preset, window=settings.lit_window)
-    lit = LITCallback(LITController(frozen, settings.unfreeze_lr, warmup_steps=10, trigger=trigger, weight_decay=0.0))
-    skip = settings.align_steps * settings.batch_size if "align" in logs else 0  # continue where align stopped
-    dataset = torch.utils.data.Subset(train, [(skip + index) % len(train) for index in range(len(train))])
-    rows: list[dict[str, float]] = []
-
-    class _Rows(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any):
-            if logs and key in logs and "train_runtime" not in logs:
-                rows.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, float)}})
-                if progress is not None:
-                    progress(stage, state.global_step, settings.kd_steps, {key.split("/")[-1]: logs[key]})
-
-    with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:  # the Trainer's files, never kept
-        arguments = TrainingArguments(
-            output_dir=scratch, max_steps=settings.kd_steps, per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.kd_lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-            report_to=[], seed=settings.seed, data_seed=settings.seed, disable_tqdm=True,
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
-        trainer = trainer_class(model=student, args=arguments, train_dataset=dataset, callbacks=[lit, _Rows()], **extra)
-        trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
-        began = time.perf_counter()
-        trainer.train()
-    logs[stage] = rows
-    final = rows[-1].get(key) if rows else None
-    return _stage_record(stage, settings.kd_steps, settings.kd_lr, settings, began, lit_unfrozen_at=lit.unfrozen_at,
-                         final_loss=final)  # fmt: skip
-
-
-def _stage_record(
-    stage: str, steps: int, lr: float, settings: DistillSettings, began: float, **extra: Any
-) -> dict[str, Any]:
-    """What the manifest keeps of one stage: its steps, tokens, learning rate, time and final losses."""
-    tokens = steps * settings.batch_size * settings.block_size
-    return {"stage": stage, "steps": steps, "tokens": tokens, "lr": lr, **extra, "seconds": time.perf_counter() - began}
+def _stage_record(stage: str, steps: int, lr: float, settings: DistillSettings, **extra: Any) -> dict[str, Any]:
+    """What the manifest keeps of one stage: its steps, tokens, learning rate and final losses."""
+    return {"stage": stage, "steps": steps, "tokens": steps * settings.tokens_per_step, "lr": lr, **extra}
 
 
 def _weights(name: str) -> bool:
@@ -216,7 +371,7 @@ def _weights(name: str) -> bool:
     return name.endswith((".safetensors", ".bin")) or name == "model.safetensors.index.json"
 
 
-def _write(student, student_folder, out, manifest, record, logs, force) -> None:
+def _write(student, student_folder, out, manifest, record, log, force) -> None:
     """The conversion's layout with the trained weights, the manifest with the `distillation` record, CSV logs."""
     state = {name: tensor.detach().contiguous() for name, tensor in student.state_dict().items()}
     if student.config.tie_word_embeddings:
@@ -224,23 +379,26 @@ def _write(student, student_folder, out, manifest, record, logs, force) -> None:
     dtype = getattr(torch, manifest["target"]["dtype"])
     state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
     needed = sum(t.numel() * t.element_size() for t in state.values())
+    record["seconds"] = round(log["seconds"], 3)
     with staged_output(out, force, needed) as staging:
         try:
-            _write_folder(student_folder, staging, state, manifest, record, logs)
+            _write_folder(student_folder, staging, state, manifest, record, log)
         except (OSError, SafetensorError) as error:
             raise OutputWriteError(f"{out}: cannot write {failed_file(error, staging)}; nothing was written") from None
 
 
-def _write_folder(student_folder, staging, state, manifest, record, logs) -> None:
+def _write_folder(student_folder, staging, state, manifest, record, log) -> None:
     """Into the staging folder: the student's files but its weights and manifest, then the new ones."""
     for file in student_folder.iterdir():
         if file.is_file() and not _weights(file.name) and file.name != MANIFEST_NAME:
             shutil.copy2(file, staging / file.name)
     save_shard(state, staging / "model.safetensors")
     (staging / MANIFEST_NAME).write_text(json.dumps({**manifest, "distillation": record}, indent=2) + "\n")
-    for stage, rows in logs.items():
+    tables = {f"distill_{stage}.csv": rows for stage, rows in log["logs"].items()}
+    for name, rows in {**tables, "distill_curve.csv": log["curve"]}.items():
         if rows:
-            with (staging / f"distill_{stage}.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[-1]))
+            with (staging / name).open("w", newline="") as handle:
+                fields = list(dict.fromkeys(key for row in rows for key in row))
+                writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
 
-from .callback import LITCallback
+from .callback import LITCallback, LITTrainer
 
 
 def distillation_loss(
@@ -43,7 +42,7 @@ def distillation_loss(
     return loss, parts
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(LITTrainer):
     """HF Trainer whose loss is `distillation_loss` against a frozen teacher, run in eval mode under no_grad.
 
     Everything else is the Trainer's: optimiser, schedule, gradient accumulation, checkpoints, and distribution
