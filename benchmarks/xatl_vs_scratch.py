@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.plotting import save_figure  # noqa: E402
 from examples.make_example_checkpoint import (  # noqa: E402
     APT_HINT,
     DEFAULT_CORPUS_DIR,
@@ -126,24 +127,19 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 
 
 def plot(curves: dict[str, list[tuple[int, float]]], source_val: float, out: Path, title: str) -> None:
-    import matplotlib
+    def draw(ax) -> None:
+        for name, curve in curves.items():
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=name)
+        ax.axhline(source_val, color="grey", ls=":", label="source GPT-NeoX (reference)")
+        ax.axhline(curves["scratch"][-1][1], color="black", ls="--", lw=0.8, label="scratch final")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss (held-out files)")
+        ax.set_ylim(top=min(8.5, max(v for c in curves.values() for _, v in c[1:]) + 0.3))
+        ax.set_title(title, fontsize=9)
+        ax.legend()
+        ax.grid(alpha=0.3)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=name)
-    ax.axhline(source_val, color="grey", ls=":", label="source GPT-NeoX (reference)")
-    ax.axhline(curves["scratch"][-1][1], color="black", ls="--", lw=0.8, label="scratch final")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation loss (held-out files)")
-    ax.set_ylim(top=min(8.5, max(v for c in curves.values() for _, v in c[1:]) + 0.3))
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure(out, draw)
 
 
 def main(argv: list[str] | None = None) -> int:

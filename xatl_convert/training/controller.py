@@ -71,6 +71,7 @@ class LITController:
         if self.unfrozen_at is not None:
             return
         self.group.attach(optimizer, self.steps, scheduler)
+        self._hooks = average_gradients_over_processes(self.group.params)
         self.unfrozen_at = self.steps
         n = sum(p.numel() for p in self.group.params)
         log.info(
@@ -78,3 +79,21 @@ class LITController:
         )
         if self.on_unfreeze is not None:
             self.on_unfreeze(self.steps)
+
+
+def average_gradients_over_processes(params: Sequence[nn.Parameter]) -> list[Any]:
+    """Under data parallelism, average these parameters' gradients over the processes as backward makes them.
+
+    DDP only reduces the parameters that required grad when it wrapped the model, so the ones LIT unfreezes later
+    would otherwise step on each process's own gradient, and the copies would drift apart. The average is taken
+    after each backward (micro-batch), which adds up to the same as once per step. Nothing in one process."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        return []
+    world = distributed.get_world_size()
+
+    def average(param: torch.Tensor) -> None:
+        distributed.all_reduce(param.grad, op=distributed.ReduceOp.SUM)
+        param.grad.div_(world)
+
+    return [param.register_post_accumulate_grad_hook(average) for param in params]

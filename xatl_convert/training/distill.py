@@ -120,7 +120,9 @@ def distill(
         protected = {student_folder.resolve(): "the student folder", checkpoint.storage_root: "the teacher"}
     refuse_unsafe_output(out, protected)
     ensure_writable(out, force)
-    processes = PartialState()  # initialises the process group under `accelerate launch`; one process otherwise
+    # Joins the process group under `accelerate launch` or torchrun (gloo on a machine without CUDA); one process
+    # otherwise. The Trainer's own state is this shared one.
+    processes = PartialState(cpu=not torch.cuda.is_available())
     settings.per_process_batch(processes.num_processes)
     if checkpoints is None and (settings.save_every or resume):
         checkpoints = out.parent / f"{out.name}.checkpoints"
@@ -295,6 +297,8 @@ class _Run:
                 gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.kd_lr,
                 lr_scheduler_type="constant", logging_steps=1, report_to=[], seed=settings.seed,
                 data_seed=settings.seed, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+                use_cpu=not torch.cuda.is_available(),  # so that processes without CUDA join a gloo group
+                ddp_find_unused_parameters=False,  # every trainable parameter is used; frozen ones are not in DDP
                 save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
                 save_total_limit=2,
             )  # fmt: skip
