@@ -9,8 +9,8 @@ in about 1.5 hours on 2 cores). Each arm is one `xatl distill` run (so this meas
 
   a  from scratch (every weight initialised), next-token loss, nothing frozen, AdamW 1e-3
   b  converted, next-token loss, transferred weights frozen until LIT (the XATL paper's recipe), AdamW 3e-4
-  c  converted, align only (each new mixer against its attention layer), AdamW 1e-3
-  d  converted, align for 3/4 of the steps, then kd (KL to the teacher's logits) with LIT, AdamW 1e-3 / 1e-4
+  c  converted, align only (each new mixer, W_O included, against its attention layer), AdamW 1e-2 → 1e-3 (cosine)
+  d  converted, align for 3/4 of the steps as c, then kd (KL to the teacher's logits) with LIT, AdamW 1e-4
 
 Held-out loss every `--eval-every` steps gives curves against tokens and against training time (evaluation time
 excluded). Writes benchmarks/results/distill_bench.csv (curves), distill_bench.json (table) and distill_bench.png.

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from xatl_convert.conversion import convert
 from xatl_convert.manifest import read_manifest
 from xatl_convert.training.align import Aligner, AlignError, mixer_parameters, normalised_mse, teacher_attention
+from xatl_convert.training.freeze import transferred_parameters
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,12 @@ def test_align_trains_only_the_new_mixers_and_their_loss_falls(
         name.startswith(("model.layers.0.mixer", "model.layers.2.mixer", "model.layers.3.mixer")) for name in trained
     )
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+    assert "model.layers.0.mixer.out_proj.weight" in trained  # W_O (if transferred) fits with the rest of the mixer
+    manifest = read_manifest(out)
+    without_w_o = set(mixer_parameters(student, manifest, train_w_o=False))
+    assert without_w_o == trained - set(transferred_parameters(student, manifest))
+    if target == "mamba2":  # W_O fits Mamba2's out_proj (expand 1 here), so it was transferred
+        assert "model.layers.0.mixer.out_proj.weight" not in without_w_o
 
 
 def test_normalised_mse_is_one_for_a_silent_mixer_at_any_scale() -> None:

@@ -403,7 +403,12 @@ def distill_command(
     batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per optimiser step, over all processes.")] = 4,
     grad_accum: Annotated[int, typer.Option(metavar="N", help="Micro-batches per optimiser step.")] = 1,
     block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
-    align_lr: Annotated[float, typer.Option(metavar="LR", help="AdamW learning rate of stage align.")] = 1e-3,
+    align_lr: Annotated[
+        float, typer.Option(metavar="LR", help="Peak AdamW learning rate of stage align (cosine decay to a tenth).")
+    ] = 1e-2,
+    align_w_o: Annotated[
+        bool, typer.Option("--align-w-o/--no-align-w-o", help="Align also fits the transferred W_O (out_proj).")
+    ] = True,
     kd_lr: Annotated[float, typer.Option(metavar="LR", help="AdamW learning rate of stage kd (or ce).")] = 1e-4,
     unfreeze_lr: Annotated[
         float, typer.Option(metavar="LR", help="Learning rate of the weights LIT unfreezes.")
@@ -439,7 +444,8 @@ def distill_command(
         kd_steps = -(-kd_tokens // tokens_per_step)
     settings = DistillSettings(
         align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, grad_accum=grad_accum,
-        block_size=block_size, align_lr=align_lr, kd_lr=kd_lr, unfreeze_lr=unfreeze_lr, freeze=freeze,
+        block_size=block_size, align_lr=align_lr, align_w_o=align_w_o, kd_lr=kd_lr, unfreeze_lr=unfreeze_lr,
+        freeze=freeze,
         temperature=temperature, ce_weight=ce_weight, eval_every=eval_every, save_every=save_every, seed=seed,
     )  # fmt: skip
     with _labelled_bars(sys.stderr.isatty(), transient=False) as progress:

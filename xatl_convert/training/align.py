@@ -4,7 +4,11 @@ At depth a converted model knows nothing until its mixers do what attention did 
 LoLCATs all start here). For every LCI layer, the teacher's own normalised input to that layer's attention goes into
 the student's mixer, and the mixer is trained to give the teacher's attention output (normalised MSE). The student's
 input norm is the teacher's, transferred, so that input is exactly what the mixer will see once the model is whole.
-Only the new mixers train; transferred weights stay as they are (XATL's freezing). One teacher forward per batch
+Only the LCI layers' mixers train. By default that includes the attention output projection W_O, which the
+conversion copied into each mixer's `out_proj` as its starting point: fitting it with the rest of the mixer recovers
+the layer's output far faster (on SmolLM2-135M → Mamba2, 16 steps: held-out 12.9 with it, 14.1 without, at the same
+learning rate). `train_w_o=False` keeps it frozen too. Everything else transferred (embeddings, norms, MLPs, kept
+attention layers, the head) stays as it is (XATL's freezing) until `kd`'s LIT. One teacher forward per batch
 gives every layer's pair; each layer's graph is built and freed in turn, so memory is one teacher forward plus one
 mixer's graph.
 """
@@ -76,9 +80,9 @@ def attention_taps(attention: dict[int, nn.Module]) -> Iterator[dict[int, tuple[
             handle.remove()
 
 
-def mixer_parameters(student: nn.Module, manifest: dict[str, Any]) -> dict[str, nn.Parameter]:
-    """What `align` trains: the parameters of the LCI layers' mixers that the conversion did not transfer."""
-    transferred = set(transferred_parameters(student, manifest))
+def mixer_parameters(student: nn.Module, manifest: dict[str, Any], train_w_o: bool = True) -> dict[str, nn.Parameter]:
+    """What `align` trains: the parameters of the LCI layers' mixers, with or without the transferred W_O."""
+    transferred = set() if train_w_o else set(transferred_parameters(student, manifest))
     layer_types = student.config.layer_types
     return {
         name: parameter
@@ -102,6 +106,7 @@ class Aligner:
     student: nn.Module
     teacher: nn.Module
     manifest: dict[str, Any]
+    train_w_o: bool = True
     layers: list[int] = field(init=False)
     attention: dict[int, nn.Module] = field(init=False)
 
@@ -111,7 +116,7 @@ class Aligner:
         modules = teacher_attention(self.teacher, len(types))
         self.attention = {index: modules[index] for index in self.layers}
         self.teacher.eval().requires_grad_(False)
-        trainable = mixer_parameters(self.student, self.manifest)
+        trainable = mixer_parameters(self.student, self.manifest, self.train_w_o)
         for name, parameter in self.student.named_parameters():
             parameter.requires_grad_(name in trainable)
 

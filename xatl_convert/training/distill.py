@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -64,7 +65,8 @@ class DistillSettings:
     batch_size: int = 4  # blocks per optimiser step, over all processes and accumulation steps
     grad_accum: int = 1
     block_size: int = 256
-    align_lr: float = 1e-3
+    align_lr: float = 1e-2  # peak; cosine decay to a tenth over the stage
+    align_w_o: bool = True  # align fits the transferred W_O (the mixers' out_proj) with the rest of each mixer
     kd_lr: float = 1e-4
     unfreeze_lr: float = 1e-4
     temperature: float = 1.0
@@ -232,7 +234,7 @@ class _Run:
 
     def align(self) -> dict[str, Any]:
         settings, rows = self.settings, self.log["logs"].setdefault("align", [])
-        aligner = Aligner(self.student, self.teacher, self.manifest)
+        aligner = Aligner(self.student, self.teacher, self.manifest, train_w_o=settings.align_w_o)
         self._align_optimizer = optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
         done = self.saved.load_align(self.student, optimizer) if self.saved.resumed else 0
         del rows[done:]
@@ -241,6 +243,8 @@ class _Run:
         rank, world = self.processes.process_index, self.processes.num_processes
         for step in range(done, settings.align_steps):
             share = batch(step).chunk(world)[rank]
+            for group in optimizer.param_groups:  # stateless, so a resumed run is on the same schedule
+                group["lr"] = settings.align_lr * cosine_to_a_tenth(step, settings.align_steps)
             losses = aligner.step(share, optimizer, micro_batches=settings.grad_accum)
             mean = sum(losses.values()) / max(len(losses), 1)
             rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
@@ -250,7 +254,8 @@ class _Run:
         for parameter in self.student.parameters():
             parameter.requires_grad_(True)
         final = rows[-1]["mean"] if rows else None
-        return _stage_record("align", settings.align_steps, settings.align_lr, settings, final_mean_loss=final)
+        return _stage_record("align", settings.align_steps, settings.align_lr, settings, final_mean_loss=final,
+                             lr_schedule="cosine to 0.1 × lr", w_o_trained=settings.align_w_o)  # fmt: skip
 
     def _checkpoint_points(self, stage: str, step: int, save: Callable[[], None]) -> None:
         """After an align step: the curve's held-out point and the checkpoint, when their step comes."""
@@ -351,6 +356,12 @@ def _trainer_folder(folder: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:
         yield Path(scratch)
+
+
+def cosine_to_a_tenth(step: int, steps: int) -> float:
+    """The align learning rate's factor at `step` of `steps`: 1 at the start, 0.1 at the end, on a half cosine. A
+    high peak moves the freshly initialised mixers fast; the decay lets them settle."""
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps - 1)))
 
 
 def _batches(train: PackedBlocks, batch_size: int, start: int = 0) -> Callable[[int], torch.Tensor]:
