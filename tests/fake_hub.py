@@ -9,11 +9,21 @@ huggingface_hub is imported (it reads the variable at import time, so run the cl
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf")}
         subprocess.run([sys.executable, "-c", script], env=env, check=True)
 
-Routes served (model repos only), as measured with huggingface_hub 2.4:
+Model repos (``add_repo(...)``) and dataset repos (``add_repo(..., repo_type="dataset")``, a separate namespace)
+are served on the routes that huggingface_hub 2.4 and datasets 5.2 request, as measured; ``{kind}`` is ``models``
+or ``datasets``:
 
-- ``GET /api/models/{repo}/revision/{rev}`` (and ``/api/models/{repo}``): repo info JSON with ``sha`` and ``siblings``;
-- ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=...``: the file listing (one page, no ``Link`` header);
-- ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: the bytes (no redirect, no Xet headers, ``Range`` supported).
+- ``GET /api/{kind}/{repo}/revision/{rev}`` (and ``/api/{kind}/{repo}``): repo info JSON with ``sha`` and
+  ``siblings``;
+- ``GET /api/{kind}/{repo}/tree/{rev}[/{path}]?recursive=...``: the file listing (one page, no ``Link`` header);
+- ``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` for a model, ``/datasets/{repo}/resolve/{rev}/{path}`` for a
+  dataset: the bytes (no redirect, no Xet headers, ``Range`` supported).
+
+``datasets.load_dataset(id, streaming=True)`` needs no more: it fetches ``README.md`` (or, without one, the repo
+info), probes a few optional files (``{name}.py``, ``.huggingface.yaml``, ``dataset_infos.json``: 404 is fine),
+lists the tree and reads the data files with ``Range`` GETs (no ``paths-info`` POST, no parquet-export API).
+Anything else, such as the ``/api/agent-harnesses`` probe huggingface_hub makes at start, gets a plain 404,
+which the clients tolerate.
 
 Errors carry ``X-Error-Code`` the way ``huggingface_hub.utils.hf_raise_for_status`` reads it: ``RepoNotFound``
 (404; 401 for a private repo without :attr:`FakeHub.ALLOWED_TOKEN`), ``RevisionNotFound`` (404), ``EntryNotFound``
@@ -29,6 +39,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ["FakeHub"]
@@ -37,6 +48,9 @@ _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # Files served as if tracked by git-lfs: tree entries carry an ``lfs`` block and the ETag is the sha256.
 _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf", ".npz")
 _LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
+RepoType = Literal["model", "dataset"]
+# URL segment after /api/ for each repo type (models are also served at the root, datasets under /datasets/).
+_API_SEGMENTS: dict[str, RepoType] = {"models": "model", "datasets": "dataset"}
 
 
 def _git_blob_sha1(data: bytes) -> str:
@@ -56,6 +70,7 @@ class _Commit:
 @dataclass
 class _Repo:
     repo_id: str
+    repo_type: RepoType = "model"
     gated: bool = False
     private: bool = False
     refs: dict[str, str] = field(default_factory=dict)  # revision name -> sha
@@ -84,7 +99,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._repos: dict[str, _Repo] = {}
+        self._repos: dict[tuple[RepoType, str], _Repo] = {}  # (repo type, repo id) -> repo
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.requests: list[tuple[str, str]] = []
@@ -138,22 +153,27 @@ class FakeHub:
         revision: str = "main",
         gated: bool = False,
         private: bool = False,
+        repo_type: RepoType = "model",
     ) -> str:
         """Add (or replace) ``revision`` of ``repo_id``; returns its deterministic 40-hex commit sha.
 
         ``gated``/``private`` apply to the whole repo (the latest call wins). A Path serves every file under it.
+        ``repo_type="dataset"`` hosts a dataset repo: a separate namespace, as on the Hub, so ``org/x`` can be
+        both a model and a dataset.
         """
         if isinstance(files, pathlib.Path):
             root = files
             content = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
         else:
             content = {str(k).lstrip("/"): bytes(v) for k, v in files.items()}
-        digest = hashlib.sha1(f"{repo_id}\0{revision}\0".encode())
+        # Models keep the digest they had before dataset repos existed, so recorded shas stay valid.
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        digest = hashlib.sha1(f"{prefix}{repo_id}\0{revision}\0".encode())
         for path in sorted(content):
             digest.update(f"{path}\0{hashlib.sha256(content[path]).hexdigest()}\0".encode())
         sha = digest.hexdigest()
         with self._lock:
-            repo = self._repos.setdefault(repo_id, _Repo(repo_id))
+            repo = self._repos.setdefault((repo_type, repo_id), _Repo(repo_id, repo_type))
             repo.gated, repo.private = gated, private
             repo.refs[revision] = sha
             repo.commits[sha] = _Commit(sha, content)
@@ -165,7 +185,7 @@ class FakeHub:
             self.requests.append((method, path))
 
     def file_requests(self) -> list[tuple[str, str]]:
-        """HEAD/GET requests on ``/{repo}/resolve/...`` (the actual file downloads), in order."""
+        """HEAD/GET requests on ``[/datasets]/{repo}/resolve/...`` (the actual file downloads), in order."""
         with self._lock:
             snapshot = list(self.requests)
         return [
@@ -179,10 +199,12 @@ class FakeHub:
             self.requests.clear()
 
     # ------------------------------------------------------------------ routing helpers (called by the handler)
-    def _split_repo(self, segments: list[str], markers: tuple[str, ...]) -> tuple[str, list[str]] | None:
-        """Split raw URL segments into (repo_id, segments after the repo), preferring known repos."""
+    def _split_repo(
+        self, segments: list[str], markers: tuple[str, ...], repo_type: RepoType = "model"
+    ) -> tuple[str, list[str]] | None:
+        """Split raw URL segments into (repo_id, segments after the repo), preferring known repos of that type."""
         with self._lock:
-            known = set(self._repos)
+            known = {repo_id for kind, repo_id in self._repos if kind == repo_type}
         candidates: list[int] = []
         for n in (2, 1):
             if len(segments) > n and unquote("/".join(segments[:n])) in known:
@@ -196,9 +218,9 @@ class FakeHub:
         n = candidates[0]
         return unquote("/".join(segments[:n])), segments[n:]
 
-    def _lookup(self, repo_id: str, token: str | None) -> _Repo:
+    def _lookup(self, repo_id: str, token: str | None, repo_type: RepoType = "model") -> _Repo:
         with self._lock:
-            repo = self._repos.get(repo_id)
+            repo = self._repos.get((repo_type, repo_id))
         if repo is None:
             raise _HubError(404, "RepoNotFound", "Repository not found")
         if repo.private and token != self.ALLOWED_TOKEN:
@@ -207,7 +229,7 @@ class FakeHub:
             raise _HubError(
                 403,
                 "GatedRepo",
-                f"Access to model {repo_id} is restricted. You must be authenticated to access it.",
+                f"Access to {repo_type} {repo_id} is restricted. You must be authenticated to access it.",
             )
         return repo
 
@@ -271,8 +293,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if unknown:
                 raise _HubError(404, None, "Not Found")
-            if len(segments) >= 2 and segments[0] == "api" and segments[1] == "models":
-                self._api_models(segments[2:], parse_qs(url.query), head=head)
+            if len(segments) >= 2 and segments[0] == "api" and segments[1] in _API_SEGMENTS:
+                self._api_repo(_API_SEGMENTS[segments[1]], segments[2:], parse_qs(url.query), head=head)
+            elif segments[:1] == ["datasets"]:
+                self._resolve_file(segments[1:], head=head, repo_type="dataset")
             else:
                 self._resolve_file(segments, head=head)
         except _HubError as err:
@@ -285,15 +309,16 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _api_models(self, segments: list[str], query: dict[str, list[str]], *, head: bool) -> None:
+    def _api_repo(self, repo_type: RepoType, segments: list[str], query: dict[str, list[str]], *, head: bool) -> None:
+        """``/api/{models,datasets}/{repo}[/revision|/tree]/...``: the same two routes for both repo types."""
         hub = self.fake_hub
-        split = hub._split_repo(segments, ("revision", "tree"))
+        split = hub._split_repo(segments, ("revision", "tree"), repo_type)
         if split is None:
             raise _HubError(404, None, "Not Found")
         repo_id, rest = split
         if rest and rest[0] not in ("revision", "tree"):
             raise _HubError(404, None, "Not Found")
-        repo = hub._lookup(repo_id, self._token())
+        repo = hub._lookup(repo_id, self._token(), repo_type)
         if not rest:
             kind, revision, tail = "revision", "main", []
         elif len(rest) == 1:
@@ -308,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
             payload: object = {
                 "_id": commit.sha[:24],
                 "id": repo_id,
-                "modelId": repo_id,
+                **({"modelId": repo_id} if repo_type == "model" else {}),
                 "author": repo_id.split("/")[0] if "/" in repo_id else None,
                 "sha": commit.sha,
                 "lastModified": _LAST_MODIFIED,
@@ -355,15 +380,15 @@ class _Handler(BaseHTTPRequestHandler):
             entries.append({"type": "directory", "path": folder, "size": 0, "oid": oid})
         return entries
 
-    def _resolve_file(self, segments: list[str], *, head: bool) -> None:
+    def _resolve_file(self, segments: list[str], *, head: bool, repo_type: RepoType = "model") -> None:
         hub = self.fake_hub
-        split = hub._split_repo(segments, ("resolve",))
+        split = hub._split_repo(segments, ("resolve",), repo_type)
         if split is None:
             raise _HubError(404, None, "Not Found")
         repo_id, rest = split
         if len(rest) < 3 or rest[0] != "resolve":
             raise _HubError(404, None, "Not Found")
-        repo = hub._lookup(repo_id, self._token())
+        repo = hub._lookup(repo_id, self._token(), repo_type)
         revision, tail = hub._split_revision(repo, rest[1:])
         commit = hub._resolve(repo, revision)
         path = unquote("/".join(tail))

@@ -5,11 +5,12 @@ the unfrozen parameters' own optimizer group (`UnfrozenGroup`); `LITCallback` ad
 and a plain loop calls `controller.step(loss, optimizer, scheduler)` once per optimizer step. `data` reads text
 (local files or a Hub dataset) into packed blocks with a held-out split that never trains; `Aligner` runs stage
 `align`, each new mixer learning its layer's attention output from the teacher's own input; `DistillationTrainer`
-runs stage `kd`, the HF Trainer against the teacher's logits, with LIT through `LITCallback`.
+runs stage `kd`, the HF Trainer against the teacher's logits, with LIT through `LITCallback`; `LITTrainer` resumes
+checkpoints saved after LIT unfroze; `distill.distill` runs the stages end to end (`xatl distill`).
 """
 
 from .align import Aligner, AlignError, normalised_mse
-from .callback import LITCallback
+from .callback import LITCallback, LITTrainer
 from .controller import LITController
 from .data import DataError, DataSpec, PackedBlocks, read_documents
 from .freeze import TRANSFER_GROUPS, freeze_transferred, transferred_parameters
@@ -27,6 +28,7 @@ __all__ = [
     "DistillationTrainer",
     "LITCallback",
     "LITController",
+    "LITTrainer",
     "LossImprovementThreshold",
     "PackedBlocks",
     "UnfrozenGroup",

@@ -19,7 +19,7 @@ import torch
 
 from xatl_convert.errors import XatlError, first_line
 
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # suffix → datasets builder
+BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 Split = Literal["train", "held_out"]
 
 
