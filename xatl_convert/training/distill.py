@@ -137,8 +137,12 @@ def distill(
     tokenizer = AutoTokenizer.from_pretrained(student_folder)
     spec = DataSpec(data, block_size=settings.block_size, held_out=settings.held_out, seed=settings.seed)
     train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
-    student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32, trust_remote_code=False)
+    student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).to(processes.device)
+    # The teacher only runs forward: bf16 on CUDA (half the memory, tensor cores), float32 on the CPU, where the
+    # losses are computed in float32 either way.
+    teacher_dtype = torch.bfloat16 if processes.device.type == "cuda" else torch.float32
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype, trust_remote_code=False)
+    teacher.to(processes.device).eval().requires_grad_(False)
     run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes)
     record = run.start_record(teacher_folder, data)
     for name in ("align", "kd") if stage == "all" else (stage,):
@@ -242,7 +246,7 @@ class _Run:
         batch, began = _batches(self.train, settings.batch_size), (self.seconds(), done)
         rank, world = self.processes.process_index, self.processes.num_processes
         for step in range(done, settings.align_steps):
-            share = batch(step).chunk(world)[rank]
+            share = batch(step).chunk(world)[rank].to(self.processes.device)
             for group in optimizer.param_groups:  # stateless, so a resumed run is on the same schedule
                 group["lr"] = settings.align_lr * cosine_to_a_tenth(step, settings.align_steps)
             losses = aligner.step(share, optimizer, micro_batches=settings.grad_accum)
