@@ -10,6 +10,7 @@ between the splits, so a held-out loss is comparable across runs and arms.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ def _datasets(spec: DataSpec, local: Path) -> Iterator[tuple[Any, str]]:
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)  # "metadata block was not found", etc.
     if local.exists() or _looks_local(spec.source):
         for file in data_files(local):
             builder = BUILDERS[file.suffix]
