@@ -94,3 +94,25 @@ def make_neox(tmp_path: Path) -> NeoxFactory:
 def neox_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One shared tiny GPT-NeoX checkpoint (parallel residual, partial rotary) for read-only tests."""
     return save_neox(tmp_path_factory.mktemp("neox") / "source")
+
+
+DISTILL_TEXT = "\n\n".join(
+    path.read_text() for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+)
+
+
+@pytest.fixture(scope="module")
+def distill_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example converted to Mamba with layer 1 kept as attention: a hybrid student for distillation tests."""
+    from xatl_convert.conversion import convert
+
+    out = tmp_path_factory.mktemp("distill") / "student"
+    convert(EXAMPLE_CHECKPOINT, out, attn_layers="1")
+    return out
+
+
+@pytest.fixture
+def distill_text(tmp_path: Path) -> Path:
+    """README and docs as one text file: English technical text that the example never trained on."""
+    (tmp_path / "text.txt").write_text(DISTILL_TEXT)
+    return tmp_path / "text.txt"

@@ -13,42 +13,29 @@ from safetensors.torch import load_file
 
 from tests.bad_input import error_line, invoke, tree_digest
 from tests.conftest import EXAMPLE_CHECKPOINT
-from xatl_convert.conversion import convert
 from xatl_convert.verify import verify
 
 pytest.importorskip("datasets")
 pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = "\n\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 
 
-@pytest.fixture(scope="module")
-def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("distill") / "student"
-    convert(EXAMPLE_CHECKPOINT, out, attn_layers="1")
-    return out
-
-
-@pytest.fixture
-def text(tmp_path: Path) -> Path:
-    (tmp_path / "text.txt").write_text(TEXT)
-    return tmp_path / "text.txt"
-
-
-def _distill(student: Path, text: Path, out: Path, *extra: str):
-    return invoke("distill", student, "--teacher", EXAMPLE_CHECKPOINT, "--data", text, "--out", out,
+def _distill(distill_student: Path, distill_text: Path, out: Path, *extra: str):
+    return invoke("distill", distill_student, "--teacher", EXAMPLE_CHECKPOINT, "--data", distill_text, "--out", out,
                   "--align-steps", "4", "--kd-steps", "3", "--block-size", "32", *extra)  # fmt: skip
 
 
-def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Path, text: Path, tmp_path: Path) -> None:
-    before = tree_digest(student)
+def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(
+    distill_student: Path, distill_text: Path, tmp_path: Path
+) -> None:
+    before = tree_digest(distill_student)
     out = tmp_path / "out"
-    result = _distill(student, text, out)
+    result = _distill(distill_student, distill_text, out)
     assert result.exit_code == 0, result.output
     assert f"wrote {out}: held-out loss" in result.stdout and "stages: align, kd" in result.stdout
-    assert tree_digest(student) == before  # the student folder is read, never written
-    kept = {p.name for p in student.iterdir()}
+    assert tree_digest(distill_student) == before  # the student folder is read, never written
+    kept = {p.name for p in distill_student.iterdir()}
     assert kept | {"distill_align.csv", "distill_kd.csv", "distill_curve.csv"} == {p.name for p in out.iterdir()}
     record = json.loads((out / "xatl_manifest.json").read_text())["distillation"]
     assert [stage["stage"] for stage in record["stages"]] == ["align", "kd"]
@@ -58,7 +45,7 @@ def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Pa
     with (out / "distill_align.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and {"mean", "layer_0", "layer_2", "layer_3"} <= set(rows[0])  # layer 1 kept attention
-    old, new = load_file(student / "model.safetensors"), load_file(out / "model.safetensors")
+    old, new = load_file(distill_student / "model.safetensors"), load_file(out / "model.safetensors")
     assert not torch.equal(old["model.layers.0.mixer.in_proj.weight"], new["model.layers.0.mixer.in_proj.weight"])
     if record["stages"][1]["lit_unfrozen_at"] is None:  # frozen throughout: the transferred weights are the source's
         assert torch.equal(old["model.layers.2.mlp.fc1.weight"], new["model.layers.2.mlp.fc1.weight"])
@@ -69,28 +56,43 @@ def test_distill_writes_a_verifiable_folder_with_each_stage_recorded(student: Pa
     assert transfers.status == "skip" and "trained after conversion by xatl distill (align, kd)" in transfers.value
     assert report.check("source twin = source").status == "pass"  # the mapping is still checked
     eval_json = tmp_path / "eval.json"
-    args = ["eval", out, "--data", text, "--teacher", EXAMPLE_CHECKPOINT, "--block-size", "32", "--json", eval_json]
+    args = [
+        "eval",
+        out,
+        "--data",
+        distill_text,
+        "--teacher",
+        EXAMPLE_CHECKPOINT,
+        "--block-size",
+        "32",
+        "--json",
+        eval_json,
+    ]
     assert invoke(*args).exit_code == 0
     evaluation = json.loads(eval_json.read_text())
     assert evaluation["start"] == record["start_loss"]  # eval reads where distill started
     assert (evaluation["gap_recovered"] is not None) == (record["start_loss"] > record["teacher_loss"])
 
 
-def test_distill_refuses_bad_input_and_writes_nothing(student: Path, text: Path, tmp_path: Path) -> None:
+def test_distill_refuses_bad_input_and_writes_nothing(
+    distill_student: Path, distill_text: Path, tmp_path: Path
+) -> None:
     before = tree_digest(tmp_path)
     assert "--stage 'both': expected all, align, kd or ce" in error_line(
-        _distill(student, text, tmp_path / "o", "--stage", "both")
+        _distill(distill_student, distill_text, tmp_path / "o", "--stage", "both")
     )
-    assert "the student folder" in error_line(_distill(student, text, student))
-    assert "no such file or folder" in error_line(_distill(student, tmp_path / "missing.txt", tmp_path / "o"))
+    assert "the student folder" in error_line(_distill(distill_student, distill_text, distill_student))
+    assert "no such file or folder" in error_line(_distill(distill_student, tmp_path / "missing.txt", tmp_path / "o"))
     assert tree_digest(tmp_path) == before
     (tmp_path / "taken").mkdir()
-    assert "already exists; pass --force" in error_line(_distill(student, text, tmp_path / "taken"))
+    assert "already exists; pass --force" in error_line(_distill(distill_student, distill_text, tmp_path / "taken"))
 
 
-def test_stage_ce_is_the_papers_recipe_next_token_loss_with_lit(student: Path, text: Path, tmp_path: Path) -> None:
+def test_stage_ce_is_the_papers_recipe_next_token_loss_with_lit(
+    distill_student: Path, distill_text: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    result = _distill(student, text, out, "--stage", "ce")
+    result = _distill(distill_student, distill_text, out, "--stage", "ce")
     assert result.exit_code == 0, result.output
     record = json.loads((out / "xatl_manifest.json").read_text())["distillation"]
     assert [stage["stage"] for stage in record["stages"]] == ["ce"]

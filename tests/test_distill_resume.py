@@ -11,7 +11,6 @@ import pytest
 
 from tests.bad_input import error_line, invoke, tree_digest
 from tests.conftest import EXAMPLE_CHECKPOINT
-from xatl_convert.conversion import convert
 from xatl_convert.training import distill as distill_module
 from xatl_convert.training.lit import LossImprovementThreshold
 
@@ -20,19 +19,6 @@ pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--align-steps", "4", "--kd-steps", "6", "--block-size", "32", "--eval-every", "2"]
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("resume") / "student"
-    convert(EXAMPLE_CHECKPOINT, out, attn_layers="1")
-    return out
-
-
-@pytest.fixture
-def text(tmp_path: Path) -> Path:
-    (tmp_path / "text.txt").write_text((ROOT / "README.md").read_text() + (ROOT / "docs" / "mappings.md").read_text())
-    return tmp_path / "text.txt"
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +31,19 @@ def lit_fires_at_step_two(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def _distill(student: Path, text: Path, out: Path, *extra: str | Path):
-    return invoke("distill", student, "--teacher", EXAMPLE_CHECKPOINT, "--data", text, "--out", out, *STEPS, *extra)
+def _distill(distill_student: Path, distill_text: Path, out: Path, *extra: str | Path):
+    return invoke(
+        "distill",
+        distill_student,
+        "--teacher",
+        EXAMPLE_CHECKPOINT,
+        "--data",
+        distill_text,
+        "--out",
+        out,
+        *STEPS,
+        *extra,
+    )
 
 
 def _rows(out: Path, name: str) -> list[dict[str, str]]:
@@ -56,10 +53,10 @@ def _rows(out: Path, name: str) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize(("stage", "step"), [("align", 3), ("kd", 5)])
 def test_an_interrupted_run_resumes_bit_for_bit(
-    student: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, step: int
+    distill_student: Path, distill_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, step: int
 ) -> None:
     whole = tmp_path / "whole"
-    assert _distill(student, text, whole).exit_code == 0
+    assert _distill(distill_student, distill_text, whole).exit_code == 0
     record = json.loads((whole / "xatl_manifest.json").read_text())["distillation"]
     assert record["stages"][1]["lit_unfrozen_at"] == 2  # so kd's checkpoint at step 4 is after the unfreeze
 
@@ -72,12 +69,12 @@ def test_an_interrupted_run_resumes_bit_for_bit(
 
     monkeypatch.setattr(distill_module._Run, "_show", interrupt)
     out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
-    interrupted = _distill(student, text, out, "--save-every", "2")
+    interrupted = _distill(distill_student, distill_text, out, "--save-every", "2")
     assert interrupted.exit_code == 130 and "interrupted" in interrupted.stderr
     assert not out.exists() and (checkpoints / "xatl_distill.json").is_file()
 
     monkeypatch.setattr(distill_module._Run, "_show", original_show)
-    resumed = _distill(student, text, out, "--save-every", "2", "--resume")
+    resumed = _distill(distill_student, distill_text, out, "--save-every", "2", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert not checkpoints.exists()  # served their purpose once OUT is written
@@ -94,7 +91,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(
 
 
 def test_checkpoints_of_another_run_are_refused(
-    student: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    distill_student: Path, distill_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original_show = distill_module._Run._show
 
@@ -105,10 +102,10 @@ def test_checkpoints_of_another_run_are_refused(
 
     monkeypatch.setattr(distill_module._Run, "_show", interrupt)
     out, checkpoints = tmp_path / "out", tmp_path / "out.checkpoints"
-    assert _distill(student, text, out, "--save-every", "2").exit_code == 130
+    assert _distill(distill_student, distill_text, out, "--save-every", "2").exit_code == 130
     before = tree_digest(checkpoints)
-    line = error_line(_distill(student, text, out, "--save-every", "2", "--resume", "--kd-lr", "5e-4"))
+    line = error_line(_distill(distill_student, distill_text, out, "--save-every", "2", "--resume", "--kd-lr", "5e-4"))
     assert f"{checkpoints}: its checkpoints are of another run (differs in settings)" in line
-    line = error_line(_distill(student, text, out, "--save-every", "2"))
+    line = error_line(_distill(distill_student, distill_text, out, "--save-every", "2"))
     assert "holds checkpoints of an earlier run; pass --resume, or remove it" in line
     assert tree_digest(checkpoints) == before and not out.exists()

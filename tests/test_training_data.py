@@ -68,7 +68,10 @@ def test_held_out_never_trains_and_does_not_move_with_the_seed(corpus: Path, tok
         (lambda d: (d / "x.jsonl").write_text('{"body": "hello"}\n'), "rows have no 'text' field (fields: body)"),
         (lambda d: (d / "x.jsonl").write_text('{"text": 3}\n'), "field 'text' holds int, not text"),
         (lambda d: (d / "x.jsonl").write_text("{not json\n"), "x.jsonl: cannot read"),
-        (lambda d: (d / "x.csv").write_text("a,b\n"), "no .txt, .md, .rst, .jsonl, .json, .parquet files in this folder"),
+        (
+            lambda d: (d / "x.csv").write_text("a,b\n"),
+            "no .txt, .md, .rst, .jsonl, .json, .parquet files in this folder",
+        ),
     ],
     ids=["missing-field", "not-text", "not-json", "unsupported"],
 )
