@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.bad_input import error_line, invoke, tree_digest
-from tests.conftest import EXAMPLE_CHECKPOINT
+from tests.conftest import DISTILL_TEXT, EXAMPLE_CHECKPOINT
 from xatl_convert.training import distill as distill_module
 from xatl_convert.training.lit import LossImprovementThreshold
 
@@ -21,14 +21,30 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--align-steps", "4", "--kd-steps", "6", "--block-size", "32", "--eval-every", "2"]
 
 
-@pytest.fixture(autouse=True)
-def lit_fires_at_step_two(monkeypatch: pytest.MonkeyPatch) -> None:
+def _lit_fires_at_step_two(monkeypatch: pytest.MonkeyPatch) -> None:
     """A trigger that always finds the loss flat: LIT unfreezes after kd step 2, before the checkpoints that follow."""
     monkeypatch.setattr(
         distill_module.LossImprovementThreshold,
         "preset",
         classmethod(lambda cls, name, window=50: LossImprovementThreshold(window=1, threshold=10.0)),
     )
+
+
+@pytest.fixture(autouse=True)
+def lit_fires_at_step_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    _lit_fires_at_step_two(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def whole(distill_student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run never interrupted: what every resumed run must equal, byte for byte."""
+    text = tmp_path_factory.mktemp("text") / "text.txt"
+    text.write_text(DISTILL_TEXT)
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    with pytest.MonkeyPatch.context() as patch:
+        _lit_fires_at_step_two(patch)
+        assert _distill(distill_student, text, out).exit_code == 0
+    return out
 
 
 def _distill(distill_student: Path, distill_text: Path, out: Path, *extra: str | Path):
@@ -53,10 +69,14 @@ def _rows(out: Path, name: str) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize(("stage", "step"), [("align", 3), ("kd", 5)])
 def test_an_interrupted_run_resumes_bit_for_bit(
-    distill_student: Path, distill_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, step: int
+    distill_student: Path,
+    distill_text: Path,
+    whole: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stage: str,
+    step: int,
 ) -> None:
-    whole = tmp_path / "whole"
-    assert _distill(distill_student, distill_text, whole).exit_code == 0
     record = json.loads((whole / "xatl_manifest.json").read_text())["distillation"]
     assert record["stages"][1]["lit_unfrozen_at"] == 2  # so kd's checkpoint at step 4 is after the unfreeze
 
