@@ -74,9 +74,14 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path: Path) -
     weights = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     moved = "model.layers.2.mlp.fc1.weight"  # transferred, trained only after the unfreeze
     assert not torch.equal(weights[0][moved], load_file(student / "model.safetensors")[moved])
+    start = load_file(student / "model.safetensors")
     for name, tensor in weights[0].items():
         if name.endswith("k_proj.bias"):
             # Its gradient is zero in exact arithmetic (a key bias shifts all of a query's scores alike, and softmax
             # ignores that), so Adam turns each run's rounding noise there into full-size steps: not comparable.
             continue
-        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        # Adam turns rounding differences in near-zero gradient entries into steps of up to the learning rate, so
+        # elementwise bounds measure noise; what must hold is that the runs differ by a sliver of how far each moved.
+        moved = (tensor.float() - start[name].float()).norm()
+        apart = (weights[1][name].float() - tensor.float()).norm()
+        assert apart <= 1e-2 * moved + 1e-6, (name, float(apart), float(moved))
