@@ -4,8 +4,8 @@ Teacher: SmolLM2-135M-Instruct (30 layers; `benchmarks/real_model.py` builds it 
 and caches it). Student: the teacher converted to pure Mamba2 with `--init attention` (or `--student mamba`).
 Text: the CPython NEWS file that Debian ships (English about code; the example checkpoint never saw it), one
 document per line, 5% held out by document position. Every arm sees the same blocks in the same order, 4 × 256
-tokens per step, for `--steps` steps (160 by default: 164k tokens, as the issue's probe, so that all four arms fit
-in about 1.5 hours on 2 cores). Each arm is one `xatl distill` run (so this measures the product, not a copy of it):
+tokens per step, for `--steps` steps (128 by default: 131k tokens, so that all four arms fit in about 80 minutes
+on 2 cores). Each arm is one `xatl distill` run (so this measures the product, not a copy of it):
 
   a  from scratch (every weight initialised), next-token loss, nothing frozen, AdamW 1e-3
   b  converted, next-token loss, transferred weights frozen until LIT (the XATL paper's recipe), AdamW 3e-4
@@ -16,7 +16,7 @@ Held-out loss every `--eval-every` steps gives curves against tokens and against
 excluded). Writes benchmarks/results/distill_bench.csv (curves), distill_bench.json (table) and distill_bench.png.
 An interrupted arm resumes from its last checkpoint; a finished arm is reused (`--rerun` trains it again).
 
-    python -m benchmarks.distill_bench [--arms abcd] [--steps 160] [--student mamba2]
+    python -m benchmarks.distill_bench [--arms abcd] [--steps 128] [--eval-every 16] [--student mamba2]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def students(teacher: Path, kind: str, root: Path) -> dict[str, Path]:
 
     from xatl_convert.conversion import convert
     from xatl_convert.manifest import MANIFEST_NAME
-    from xatl_convert.writer import save_shard
+    from xatl_convert.writer import safetensors_state, save_shard
 
     converted, scratch = root / f"{kind}-converted", root / f"{kind}-scratch"
     if not converted.exists():
@@ -72,11 +72,8 @@ def students(teacher: Path, kind: str, root: Path) -> dict[str, Path]:
         shutil.copytree(converted, staging)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(converted), dtype=torch.float32)
-        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
         dtype = getattr(torch, json.loads((converted / MANIFEST_NAME).read_text())["target"]["dtype"])
-        save_shard({name: tensor.to(dtype) for name, tensor in state.items()}, staging / "model.safetensors")
+        save_shard(safetensors_state(model, dtype), staging / "model.safetensors")
         staging.rename(scratch)
     return {"converted": converted, "scratch": scratch}
 
@@ -103,8 +100,8 @@ def read_curve(out: Path) -> list[dict[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="abcd", help="which arms to run, e.g. d or bd")
-    parser.add_argument("--steps", type=int, default=160)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--student", choices=["mamba2", "mamba"], default="mamba2")
     parser.add_argument("--rerun", action="store_true", help="train finished arms again")
     args = parser.parse_args()

@@ -144,6 +144,17 @@ def _write_folder(
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
 
 
+def safetensors_state(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A model's state as safetensors can store it: contiguous, a tied head left out (safetensors refuses shared
+    tensors; loading ties it back), floating tensors cast to `dtype` when given."""
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    if dtype is not None:
+        state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    return state
+
+
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """save_file, with its I/O failures as OSErrors that name the shard (safetensors reports only the OS text)."""
     try:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from xatl_convert.errors import XatlError
+from xatl_convert.writer import safetensors_state
 
 PROGRESS_NAME = "xatl_distill.json"
 
@@ -50,8 +51,6 @@ class RunCheckpoints:
             self.progress, self.resumed = progress, True
         elif folder.exists() and not resume and any(folder.iterdir()):
             raise ResumeError(f"{folder}: holds checkpoints of an earlier run; pass --resume, or remove it")
-        if main:
-            folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def enabled(self) -> bool:
@@ -75,6 +74,7 @@ class RunCheckpoints:
     def save_progress(self) -> None:
         if self.folder is None or not self.main:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)  # at the first save: a run that fails earlier leaves none
         temporary = self.folder / f".{PROGRESS_NAME}.tmp"
         temporary.write_text(json.dumps(self.progress, indent=1) + "\n")
         temporary.replace(self.folder / PROGRESS_NAME)  # never a half-written progress file
@@ -85,9 +85,8 @@ class RunCheckpoints:
             return
         staging = self.folder / ".align.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        state = {name: tensor.detach().contiguous().clone() for name, tensor in student.state_dict().items()}
-        save_file(_untied(student, state), str(staging / "model.safetensors"))
+        staging.mkdir(parents=True)
+        save_file(safetensors_state(student), str(staging / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "step": step}, staging / "optimizer.pt")
         final = self.folder / "align"
         shutil.rmtree(final, ignore_errors=True)
@@ -114,17 +113,17 @@ class RunCheckpoints:
             raise ResumeError(f"{self.folder}: stage {stage} finished but its final checkpoint is missing")
         _load_weights(student, Path(checkpoint) / "model.safetensors")
 
+    def discard_if_unresumable(self) -> None:
+        """After a failure: a folder without a progress file holds nothing a resume could use (the Trainer creates
+        its folder before its first checkpoint), so it goes; one with progress stays for `--resume`."""
+        unresumable = self.folder is not None and not (self.folder / PROGRESS_NAME).is_file()
+        if unresumable and self.main and self.folder.is_dir():
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def remove(self) -> None:
         """Once OUT is written the checkpoints have served their purpose."""
         if self.folder is not None and self.main:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _untied(student: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared tensors: a tied head is the embedding, restored by load_state_dict's tie."""
-    if getattr(student.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def _load_weights(student: torch.nn.Module, file: Path) -> None:

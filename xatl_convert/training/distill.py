@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from xatl_convert.errors import OutputWriteError, XatlError
 from xatl_convert.manifest import MANIFEST_NAME, read_manifest
 from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output, staged_output
-from xatl_convert.writer import failed_file, save_shard
+from xatl_convert.writer import failed_file, safetensors_state, save_shard
 
 from .align import Aligner
 from .callback import LITCallback, LITTrainer
@@ -131,27 +131,32 @@ def distill(
     identity = {"student": str(student_folder.resolve()), "teacher": str(teacher_folder), "data": data,
                 "stage": stage, "settings": asdict(settings)}  # fmt: skip
     saved = RunCheckpoints(Path(checkpoints) if checkpoints else None, identity, resume, processes.is_main_process)
-    processes.wait_for_everyone()  # the main process has checked and created the folder
-    torch.manual_seed(settings.seed)
-    manifest = read_manifest(student_folder)
-    tokenizer = AutoTokenizer.from_pretrained(student_folder)
-    spec = DataSpec(data, block_size=settings.block_size, held_out=settings.held_out, seed=settings.seed)
-    train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
-    student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).to(processes.device)
-    # The teacher only runs forward: bf16 on CUDA (half the memory, tensor cores), float32 on the CPU, where the
-    # losses are computed in float32 either way.
-    teacher_dtype = torch.bfloat16 if processes.device.type == "cuda" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype, trust_remote_code=False)
-    teacher.to(processes.device).eval().requires_grad_(False)
-    run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes)
-    record = run.start_record(teacher_folder, data)
-    for name in ("align", "kd") if stage == "all" else (stage,):
-        record["stages"].append(saved.stage_done(name) or run.stage(name))
-    run.restore_finished_weights()
-    record["end_loss"] = run.evaluate("end", 0)
-    if processes.is_main_process:
-        _write(student, student_folder, out, manifest, record, saved.progress, force)
-        saved.remove()
+    processes.wait_for_everyone()  # the main process has checked the checkpoint folder
+    try:
+        torch.manual_seed(settings.seed)
+        manifest = read_manifest(student_folder)
+        tokenizer = AutoTokenizer.from_pretrained(student_folder)
+        spec = DataSpec(data, block_size=settings.block_size, held_out=settings.held_out, seed=settings.seed)
+        train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
+        student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).to(processes.device)
+        # The teacher only runs forward: bf16 on CUDA (half the memory, tensor cores), float32 on the CPU, where the
+        # losses are computed in float32 either way.
+        teacher_dtype = torch.bfloat16 if processes.device.type == "cuda" else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype, trust_remote_code=False)
+        teacher.to(processes.device).eval().requires_grad_(False)
+        run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes)
+        record = run.start_record(teacher_folder, data)
+        for name in ("align", "kd") if stage == "all" else (stage,):
+            record["stages"].append(saved.stage_done(name) or run.stage(name))
+        run.restore_finished_weights()
+        record["end_loss"] = run.evaluate("end", 0)
+        record["seconds"] = round(saved.progress["seconds"], 3)
+        if processes.is_main_process:
+            _write(student, student_folder, out, manifest, record, saved.progress, force)
+            saved.remove()
+    except BaseException:
+        saved.discard_if_unresumable()  # a run that failed before its first checkpoint leaves nothing behind
+        raise
     processes.wait_for_everyone()
     return record
 
@@ -219,8 +224,6 @@ class _Run:
             self._weights_current = True
         record = self.align() if name == "align" else self.train_with_lit(name)
         self.log["done"].append(record)
-        if name == "align":
-            self.saved.save_align(self.student, self._align_optimizer, self.settings.align_steps)
         self._save_progress()
         return record
 
@@ -239,7 +242,7 @@ class _Run:
     def align(self) -> dict[str, Any]:
         settings, rows = self.settings, self.log["logs"].setdefault("align", [])
         aligner = Aligner(self.student, self.teacher, self.manifest, train_w_o=settings.align_w_o)
-        self._align_optimizer = optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
+        optimizer = torch.optim.AdamW(aligner.trainable(), lr=settings.align_lr)
         done = self.saved.load_align(self.student, optimizer) if self.saved.resumed else 0
         del rows[done:]
         self.log["curve"] = [p for p in self.log["curve"] if p["stage"] != "align" or p["step"] <= done]
@@ -253,21 +256,22 @@ class _Run:
             mean = sum(losses.values()) / max(len(losses), 1)
             rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
             self._show("align", step + 1, settings.align_steps, {"align": mean}, began)
-            self._checkpoint_points("align", step + 1, lambda step=step: self.saved.save_align(
-                self.student, optimizer, step + 1))  # fmt: skip
+            self._align_points(step + 1, optimizer)
         for parameter in self.student.parameters():
             parameter.requires_grad_(True)
         final = rows[-1]["mean"] if rows else None
         return _stage_record("align", settings.align_steps, settings.align_lr, settings, final_mean_loss=final,
                              lr_schedule="cosine to 0.1 × lr", w_o_trained=settings.align_w_o)  # fmt: skip
 
-    def _checkpoint_points(self, stage: str, step: int, save: Callable[[], None]) -> None:
-        """After an align step: the curve's held-out point and the checkpoint, when their step comes."""
+    def _align_points(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After an align step: the curve's held-out point and the checkpoint, when their step comes. The last step
+        is always checkpointed (when checkpoints are on): a later stage resumes from those weights."""
         settings = self.settings
         if settings.eval_every and step % settings.eval_every == 0:
-            self.evaluate(stage, step)
-        if settings.save_every and step % settings.save_every == 0:
-            save()
+            self.evaluate("align", step)
+        last = step == settings.align_steps
+        if self.saved.enabled and (last or (settings.save_every and step % settings.save_every == 0)):
+            self.saved.save_align(self.student, optimizer, step)
             self._save_progress()
 
     def train_with_lit(self, stage: str) -> dict[str, Any]:
@@ -278,7 +282,6 @@ class _Run:
 
         settings, student = self.settings, self.student
         key = "kd/kl" if stage == "kd" else "loss"
-        callbacks: list[Any] = [_StageCallback(self, stage, key)]
         lit = None
         if settings.freeze:
             frozen = transferred_parameters(student, self.manifest)
@@ -286,7 +289,6 @@ class _Run:
             trigger = LossImprovementThreshold.preset(settings.lit_preset, window=settings.lit_window)
             controller = LITController(frozen, settings.unfreeze_lr, warmup_steps=10, trigger=trigger, weight_decay=0.0)
             lit = LITCallback(controller)
-            callbacks.insert(0, lit)
         skip = settings.align_steps * settings.batch_size if self.saved.stage_done("align") else 0
         dataset = torch.utils.data.Subset(self.train, [(skip + i) % len(self.train) for i in range(len(self.train))])
         resume_from = self.saved.latest_trainer_checkpoint(stage)
@@ -294,6 +296,8 @@ class _Run:
         done = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
         del rows[done:]
         self.log["curve"] = [p for p in self.log["curve"] if p["stage"] != stage or p["step"] <= done]
+        callbacks: list[Any] = [] if lit is None else [lit]
+        callbacks.append(_StageCallback(self, stage, key, began=(self.seconds(), done)))
         extra: dict[str, Any] = {}
         trainer_class: Any = LITTrainer
         if stage == "kd":
@@ -313,7 +317,6 @@ class _Run:
             )  # fmt: skip
             trainer = trainer_class(model=student, args=arguments, train_dataset=dataset, callbacks=callbacks, **extra)
             trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
-            callbacks[-1].began = (self.seconds(), done)
             trainer.train(resume_from_checkpoint=resume_from)
         for parameter in student.parameters():
             parameter.requires_grad_(True)
@@ -329,9 +332,9 @@ class _StageCallback(TrainerCallback):
     """Rows of the stage's CSV log, progress with tokens/s, the held-out curve and the run's progress file, from the
     Trainer's own events (its checkpoints hold the weights, optimiser and LIT state)."""
 
-    def __init__(self, run: _Run, stage: str, key: str) -> None:
+    def __init__(self, run: _Run, stage: str, key: str, began: tuple[float, int]) -> None:
         self.run, self.stage, self.key = run, stage, key
-        self.began = (0.0, 0)
+        self.began = began  # (training seconds, step) when this stage (re)started, for tokens/s
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs and self.key in logs and "train_runtime" not in logs:
@@ -355,8 +358,7 @@ class _StageCallback(TrainerCallback):
 def _trainer_folder(folder: Path | None) -> Iterator[Path]:
     """The Trainer's output folder: the run's checkpoint folder for the stage, or a scratch one that is removed."""
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
+        yield folder  # the Trainer creates it
         return
     with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:
         yield Path(scratch)
@@ -392,13 +394,8 @@ def _weights(name: str) -> bool:
 
 def _write(student, student_folder, out, manifest, record, log, force) -> None:
     """The conversion's layout with the trained weights, the manifest with the `distillation` record, CSV logs."""
-    state = {name: tensor.detach().contiguous() for name, tensor in student.state_dict().items()}
-    if student.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    dtype = getattr(torch, manifest["target"]["dtype"])
-    state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    state = safetensors_state(student, getattr(torch, manifest["target"]["dtype"]))
     needed = sum(t.numel() * t.element_size() for t in state.values())
-    record["seconds"] = round(log["seconds"], 3)
     with staged_output(out, force, needed) as staging:
         try:
             _write_folder(student_folder, staging, state, manifest, record, log)
