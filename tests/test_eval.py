@@ -43,6 +43,24 @@ def test_eval_scores_model_and_teacher_on_the_held_out_split(converted: Path, tm
     assert data["gap_recovered"] is None
 
 
+def test_split_all_scores_every_document_of_a_text_that_never_trained(converted: Path, tmp_path: Path) -> None:
+    (tmp_path / "text.txt").write_text(TEXT)
+    scored = {}
+    for split in ("held-out", "all"):
+        report = tmp_path / f"{split}.json"
+        args = ["eval", str(converted), "--data", str(tmp_path / "text.txt"), "--block-size", "32",
+                "--max-blocks", "100000", "--split", split, "--json", str(report)]  # fmt: skip
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        scored[split] = json.loads(report.read_text())
+    assert scored["all"]["split"] == "all" and scored["held-out"]["split"] == "held_out"
+    # about 5% of the documents are held out; all of them is the whole text, about twenty times more tokens
+    held_out, everything = (scored[s]["losses"]["model"]["tokens"] for s in ("held-out", "all"))
+    assert 10 * held_out < everything
+    line = error_line(invoke("eval", converted, "--data", tmp_path / "text.txt", "--split", "train"))
+    assert line == "error: --split 'train': expected held-out or all"
+
+
 def test_gap_recovered_reads_the_start_from_the_manifest(converted: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -480,11 +480,22 @@ def eval_command(
     block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
     max_blocks: Annotated[int, typer.Option(metavar="N", help="Held-out blocks to score.")] = 32,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Blocks per forward pass.")] = 4,
+    split: Annotated[
+        str,
+        typer.Option(
+            metavar="SPLIT",
+            help="held-out (the share of DATA that distill never trains on) or all (every document: for text that "
+            "never trained, such as another domain).",
+        ),
+    ] = "held-out",
     json_path: Annotated[
         Path | None, typer.Option("--json", metavar="FILE", help="Write the results as JSON here.")
     ] = None,
 ) -> None:
-    """Held-out loss and perplexity of MODEL (and the teacher) on DATA's held-out split, which never trains."""
+    """Held-out loss and perplexity of MODEL (and the teacher) on DATA's held-out split, which never trains, or on
+    all of DATA."""
+    if split not in ("held-out", "all"):
+        raise XatlError(f"--split {split!r}: expected held-out or all")
     from xatl_convert.verify import check_report_destination
 
     if json_path is not None:
@@ -493,7 +504,9 @@ def eval_command(
     from xatl_convert.tables import eval_gap_line, eval_table
     from xatl_convert.training.evaluate import evaluate_folder
 
-    result = evaluate_folder(model, data, teacher, block_size, max_blocks, batch_size)
+    result = evaluate_folder(
+        model, data, teacher, block_size, max_blocks, batch_size, "all" if split == "all" else "held_out"
+    )
     console = _console()
     console.print(eval_table(result))
     gap = eval_gap_line(result)

@@ -158,7 +158,8 @@ def inventory_tree(reference: str, inventory: Inventory, applicable: dict[str, s
 
 def eval_table(result: Evaluation) -> Table:
     """One row per model scored: held-out loss, perplexity, tokens."""
-    table = Table(title=f"xatl eval {result.model} on {result.data} (held-out split)")
+    scope = "held-out split" if result.split == "held_out" else "all of it"
+    table = Table(title=f"xatl eval {result.model} on {result.data} ({scope})")
     for column in ("model", "loss", "perplexity", "tokens"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, scored in result.losses.items():

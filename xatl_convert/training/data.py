@@ -21,7 +21,7 @@ import torch
 from xatl_convert.errors import XatlError, first_line
 
 BUILDERS = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-Split = Literal["train", "held_out"]
+Split = Literal["train", "held_out", "all"]  # "all": every document, for text that never trained
 
 
 class DataError(XatlError):
@@ -130,7 +130,8 @@ def is_held_out(position: int, share: float) -> bool:
 class PackedBlocks(torch.utils.data.Dataset):
     """One split of the data as blocks of `block_size` tokens: documents tokenised with the student's tokenizer,
     joined by its end-of-sequence token and cut into blocks (the last partial block is dropped). The training split
-    comes in an order shuffled by `seed`; the held-out split in the data's order. Items are {input_ids, labels}."""
+    comes in an order shuffled by `seed`; the held-out split (or `all`, every document) in the data's order. Items
+    are {input_ids, labels}."""
 
     def __init__(self, blocks: torch.Tensor, documents: int) -> None:
         self.blocks = blocks
@@ -146,14 +147,15 @@ class PackedBlocks(torch.utils.data.Dataset):
         ids: list[int] = []
         documents = 0
         for position, text in enumerate(read_documents(spec)):
-            if is_held_out(position, spec.held_out) != (split == "held_out"):
+            if split != "all" and is_held_out(position, spec.held_out) != (split == "held_out"):
                 continue
             ids += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
             documents += 1
         count = len(ids) // spec.block_size
         if count == 0:
+            scope = "the text" if split == "all" else f"the {split.replace('_', '-')} split"
             raise DataError(
-                f"{spec.source}: the {split.replace('_', '-')} split has {len(ids)} tokens from {documents} "
+                f"{spec.source}: {scope} has {len(ids)} tokens from {documents} "
                 f"document(s), less than one block of {spec.block_size}; give more text or a smaller block size"
             )
         blocks = torch.tensor(ids[: count * spec.block_size], dtype=torch.long).view(count, spec.block_size)

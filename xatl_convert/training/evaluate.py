@@ -19,7 +19,7 @@ from torch import nn
 
 from xatl_convert.errors import ReportError
 
-from .data import DataError, DataSpec, PackedBlocks
+from .data import DataError, DataSpec, PackedBlocks, Split
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Evaluation:
     losses: dict[str, HeldOutLoss]
     start: float | None = None
     no_start: str = ""  # why there is no starting loss to measure the gap from
+    split: Split = "held_out"
 
     @property
     def gap(self) -> float | None:
@@ -79,6 +80,7 @@ class Evaluation:
         return {
             "model": self.model,
             "data": self.data,
+            "split": self.split,
             "losses": {
                 name: {"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}
                 for name, r in self.losses.items()
@@ -101,10 +103,14 @@ def evaluate_folder(
     block_size: int = 256,
     max_blocks: int = 32,
     batch_size: int = 4,
+    split: Split = "held_out",
 ) -> Evaluation:
-    """Score a converted (or trained) folder, and optionally its teacher, on the held-out split of `data`,
-    tokenised with the folder's own tokenizer. The starting loss for the gap comes from the manifest's
-    `distillation.start_loss`, which `xatl distill` records."""
+    """Score a converted (or trained) folder, and optionally its teacher, on the held-out split of `data` (or, with
+    `split="all"`, on all of it: for text that never trained), tokenised with the folder's own tokenizer. The starting
+    loss for the gap comes from the manifest's `distillation.start_loss`, which `xatl distill` records on the
+    held-out split of its own data."""
+    if split == "train":
+        raise DataError("the train split cannot measure a model; score the held-out split or all of a text")
     from transformers import AutoModelForCausalLM
 
     from xatl_convert.manifest import read_manifest
@@ -114,7 +120,7 @@ def evaluate_folder(
     config = read_output_config(folder)
     manifest = read_manifest(folder)
     tokenizer = load_output_tokenizer(folder)
-    blocks = PackedBlocks.build(DataSpec(data, block_size=block_size), tokenizer, "held_out")
+    blocks = PackedBlocks.build(DataSpec(data, block_size=block_size), tokenizer, split)
     if int(blocks.blocks.max()) >= config.vocab_size:
         raise DataError(f"{folder}: its tokenizer gives ids beyond the model's vocab_size {config.vocab_size}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -125,7 +131,9 @@ def evaluate_folder(
             source = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32, trust_remote_code=False)
         losses["teacher"] = held_out_loss(source, blocks, batch_size, max_blocks)
     start, why = _recorded_start(manifest, data, block_size, max_blocks)
-    return Evaluation(str(folder), data, losses, start, why)
+    if split == "all" and start is not None:
+        start, why = None, "the start was measured on the held-out split, not on all of the text"
+    return Evaluation(str(folder), data, losses, start, why, split)
 
 
 def _recorded_start(manifest: dict[str, Any], data: str, block_size: int, max_blocks: int) -> tuple[float | None, str]:
