@@ -22,7 +22,7 @@ from xatl_convert.mapping import Mapping
 from xatl_convert.mapping.schema import CONFIG_KEYS, Mamba2Settings, MambaSettings, TargetConfig
 from xatl_convert.models import MAMBA2_DEFAULTS, MAMBA_DEFAULTS, XatlConfig
 
-NEOX_MAPPING = REPO_ROOT / "mappings" / "gpt-neox-to-mamba.yaml"
+NEOX_MAPPING = REPO_ROOT / "mappings" / "gpt-neox.yaml"
 DOC = REPO_ROOT / "docs" / "mappings.md"
 
 
@@ -271,7 +271,7 @@ def test_bad_set_names_the_option_not_the_mapping(
     tmp_path: Path, neox_checkpoint: Path, assignment: str, message: str
 ) -> None:
     line = _convert(tmp_path, neox_checkpoint, "--set", assignment)
-    assert message in line and "gpt-neox-to-mamba.yaml" not in line
+    assert message in line and "gpt-neox.yaml" not in line
 
 
 def test_set_reads_exponent_floats_as_numbers(neox_checkpoint: Path) -> None:

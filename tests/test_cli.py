@@ -161,7 +161,7 @@ def test_user_mapping_file_drives_the_conversion(neox_checkpoint: Path, tmp_path
     assert config["mamba"]["d_state"] == 4
     assert config["layer_types"] == ["mamba", "attention", "mamba", "mamba"]
     manifest = json.loads((out / "xatl_manifest.json").read_text())
-    assert manifest["mapping"]["name"] == "my-neox" and manifest["mapping"]["file"] == str(mapping)
+    assert manifest["mapping"]["name"] == "my-neox-to-mamba" and manifest["mapping"]["file"] == str(mapping)
 
 
 @pytest.mark.parametrize(

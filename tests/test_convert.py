@@ -52,7 +52,7 @@ def test_pure_mamba_conversion_writes_weights_config_manifest_and_card(neox_chec
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ")
     assert "library_name: transformers" in card and "- xatl" in card and "- mamba" in card
-    assert "name: gpt-neox-to-mamba" in card  # the mapping is embedded
+    assert "name: gpt-neox\n" in card  # the mapping is embedded
 
 
 def test_paper_transfer_set_is_copied_exactly(neox_checkpoint: Path, tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_shape_mismatch_without_drop_names_rule_tensors_and_shapes(neox_checkpoi
 
 def _with_copy_init(expand: int) -> dict:
     data = _builtin_data()
-    data["rules"] = [rule for rule in data["rules"] if rule.get("where") != "mamba"]
+    data["rules"] = [rule for rule in data["rules"] if rule.get("where") not in ("mamba", "lci")]
     data["init"].insert(
         0,
         {

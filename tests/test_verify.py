@@ -84,7 +84,7 @@ def test_hybrid_attention_layer_computes_what_the_source_layer_computed(make_neo
     """Fed the same input, a kept attention layer's mixer gives the source layer's attention output."""
     from transformers import GPTNeoXForCausalLM
 
-    from xatl_convert.models import XatlForCausalLM, rotary_cos_sin
+    from xatl_convert.models import XatlForCausalLM, rotary_tables
 
     source = make_neox()
     out = tmp_path / "out"
@@ -101,7 +101,7 @@ def test_hybrid_attention_layer_computes_what_the_source_layer_computed(make_neo
     ids = torch.arange(3, 15).unsqueeze(0)
     with torch.no_grad():
         theirs(ids)
-        position_embeddings = rotary_cos_sin(ours.config, torch.arange(12).unsqueeze(0), torch.float32)
+        position_embeddings = rotary_tables(ours.config, torch.arange(12).unsqueeze(0), torch.float32)
         actual = ours.model.layers[2].mixer(captured["input"], position_embeddings)
     assert (actual - captured["output"]).abs().max() <= 1e-5
 

@@ -149,7 +149,7 @@ def test_a_mapping_changed_since_conversion_skips_the_twin_with_the_reason(tmp_p
     source = make_neox()
     mapping = tmp_path / "mine.yaml"
     mapping.write_text(
-        builtin_mappings()["gpt-neox-to-mamba"].read_text().replace("name: gpt-neox-to-mamba", "name: mine")
+        builtin_mappings()["gpt-neox-to-mamba"].read_text().replace("name: gpt-neox", "name: mine")
     )
     out = tmp_path / "out"
     convert(source, out, mapping=mapping)

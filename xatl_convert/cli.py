@@ -556,8 +556,8 @@ def mappings_list() -> None:
     table = Table(title="built-in mappings (xatl mappings show NAME prints one)")
     for column in ("name", "source model_type", "target", "description"):
         table.add_column(column, overflow="fold")
-    for name, path in builtin_mappings().items():
-        mapping = load_mapping(path)
+    for name in builtin_mappings():
+        mapping = load_mapping(name)
         table.add_row(name, ", ".join(mapping.source.model_types), mapping.target.mixer, mapping.description)
     _console().print(table)
 

@@ -10,7 +10,7 @@ import torch
 
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
-from xatl_convert.mapping.layers import LCI_MIXERS
+from xatl_convert.mapping.layers import LCI_MIXERS, layer_selected
 from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -20,10 +20,16 @@ TARGETS = LCI_MIXERS
 
 
 def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str | Path | None = None) -> Mapping:
-    """The user's mapping if given, else the built-in mapping for this source model_type and target mixer."""
+    """The user's mapping if given, else the built-in mapping for this source model_type and target mixer. A mapping
+    that serves several mixers is taken for `target`; one that serves a single mixer always produces that one."""
     if mapping is not None:
-        return load_mapping(mapping)
-    candidates = [load_mapping(path) for path in builtin_mappings().values()]
+        chosen = load_mapping(mapping)
+        if len(chosen.target.mixers) == 1:
+            return chosen
+        if target not in chosen.target.mixers:
+            raise PlanError(f"--to {target}: mapping {chosen.name!r} produces {', '.join(chosen.target.mixers)}")
+        return chosen.for_mixer(target)
+    candidates = [load_mapping(name) for name in builtin_mappings()]  # one per (family, mixer)
     for candidate in candidates:
         if source.model_type in candidate.source.model_types and candidate.target.mixer == target:
             return candidate
@@ -37,8 +43,8 @@ def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str
 def applicable_mappings(source: SourceCheckpoint) -> dict[str, str]:
     """Built-in mappings for this source's model_type, each with whether a full plan succeeds (or why not)."""
     verdicts: dict[str, str] = {}
-    for name, path in builtin_mappings().items():
-        mapping = load_mapping(path)
+    for name in builtin_mappings():
+        mapping = load_mapping(name)
         if source.model_type not in mapping.source.model_types:
             continue
         try:
@@ -103,7 +109,10 @@ def plan_conversion(
         raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
     checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source, revision, cache_dir)
     chosen = select_mapping(checkpoint, to, mapping)
-    if (overrides or {}).get("options.attention_init") and "attention_init" not in chosen.options:
+    fills = [rule for rule in chosen.rules if rule.when == "attention_init"]
+    if (overrides or {}).get("options.attention_init") and not any(
+        layer_selected(rule.where, chosen.target.mixer) for rule in fills
+    ):
         raise PlanError(
             f"--init attention: mapping {chosen.name!r} has no attention-informed init (it fills Mamba2's in_proj; "
             "use --to mamba2)"

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from xatl_convert.errors import MappingError, PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping.expressions import ExpressionError
-from xatl_convert.mapping.layers import attention_layer_indices, layer_types
+from xatl_convert.mapping.layers import attention_layer_indices, layer_selected, layer_types
 from xatl_convert.mapping.loader import describe_bound_error, locate
 from xatl_convert.mapping.schema import (
     CONFIG_KEYS,
@@ -119,7 +119,9 @@ def build_plan(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> ConversionPlan:
-    """Decide every target tensor; raise PlanError (or MappingError) before anything is written."""
+    """Decide every target tensor; raise PlanError (or MappingError) before anything is written. A family mapping
+    (several mixers) produces its first mixer unless `Mapping.for_mixer` chose another."""
+    mapping = mapping.for_mixer(mapping.target.mixers[0])
     if source.model_type not in mapping.source.model_types:
         raise UnsupportedModelError(
             f"{source.reference}: model_type {source.model_type!r} does not match mapping {mapping.name!r} "
@@ -371,7 +373,7 @@ class _Planner:
         """Per layer (or once, without `{i}`), the (target, sources) pairs that the rule names."""
         layers: list[int | None] = [None]
         if any(LAYER_PATTERN in name for name in (rule.target, *rule.sources)):
-            layers = [index for index, kind in enumerate(self.layer_types) if rule.where in (None, kind)]
+            layers = [index for index, kind in enumerate(self.layer_types) if layer_selected(rule.where, kind)]
         for layer in layers:
             target = rule.target.replace(LAYER_PATTERN, str(layer))
             sources = [name.replace(LAYER_PATTERN, str(layer)) for name in rule.sources]
@@ -493,7 +495,7 @@ class _Planner:
         if where is None or "layer" not in match.groupdict():
             return True
         index = int(match.group("layer"))
-        return index < len(self.layer_types) and self.layer_types[index] == where
+        return index < len(self.layer_types) and layer_selected(where, self.layer_types[index])
 
     def _init_rule_for(self, name: str) -> InitRule | None:
         for rule in self.mapping.init:

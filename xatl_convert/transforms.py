@@ -213,8 +213,125 @@ class Cast(Transform):
         return tensors[0].to(getattr(torch, self.dtype))
 
 
+class Split(Transform):
+    """Cut one dimension into parts of the given sizes and keep one part, or several joined in the order given.
+
+    Phi-3's fused q/k/v has unequal parts (`sizes: [H·d, KV·d, KV·d], names: [q, k, v], take: k`); its gate_up is
+    [gate; up] while xatl's gated fc1 is [up; gate] (`names: [gate, up], take: [up, gate]`).
+    """
+
+    name: ClassVar[str] = "split"
+    sizes: tuple[int, ...]
+    take: int | str | tuple[int | str, ...]
+    names: tuple[str, ...] | None = None
+    dim: int = 0
+
+    def _indexes(self) -> list[int]:
+        wanted = self.take if isinstance(self.take, tuple) else (self.take,)
+        if self.names is not None and len(self.names) != len(self.sizes):
+            raise TransformShapeError(f"split: {len(self.names)} names for {len(self.sizes)} sizes")
+        indexes = []
+        for item in wanted:
+            if isinstance(item, str):
+                if self.names is None or item not in self.names:
+                    known = f"names {list(self.names)}" if self.names else "no names; give names or an index"
+                    raise TransformShapeError(f"split: take {item!r} is not a part ({known})")
+                indexes.append(self.names.index(item))
+            elif not 0 <= item < len(self.sizes):
+                raise TransformShapeError(f"split: take {item} is outside 0..{len(self.sizes) - 1}")
+            else:
+                indexes.append(item)
+        return indexes
+
+    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
+        shape = list(shapes[0])
+        dim = _check_dim(self.dim, len(shape), self.name)
+        if any(size <= 0 for size in self.sizes) or sum(self.sizes) != shape[dim]:
+            raise TransformShapeError(
+                f"split: sizes {list(self.sizes)} add up to {sum(self.sizes)}, but dimension {dim} of "
+                f"{list(shapes[0])} is {shape[dim]}"
+            )
+        shape[dim] = sum(self.sizes[index] for index in self._indexes())
+        return tuple(shape)
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        parts = torch.split(tensors[0], list(self.sizes), dim=self.dim)
+        chosen = [parts[index] for index in self._indexes()]
+        return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=self.dim)
+
+
+class Scale(Transform):
+    """Multiply every element by a constant: folds a constant multiplier into a weight where that is exact."""
+
+    name: ClassVar[str] = "scale"
+    factor: float
+
+    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
+        if not math.isfinite(self.factor):
+            raise TransformShapeError(f"scale: factor {self.factor} is not a finite number")
+        return shapes[0]
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] * self.factor
+
+
+class Add(Transform):
+    """Add a constant to every element, e.g. a norm weight stored as an offset (Gemma's w, applied as 1 + w)."""
+
+    name: ClassVar[str] = "add"
+    value: float
+
+    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
+        if not math.isfinite(self.value):
+            raise TransformShapeError(f"add: value {self.value} is not a finite number")
+        return shapes[0]
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] + self.value
+
+
+class PermuteRotary(Transform):
+    """Reorder the rows of each head of a q or k projection between RoPE layouts, on its first `rotary_dim` rows:
+    `interleaved` (GPT-J, Meta's original Llama: pairs (2k, 2k+1)) and `halves` (transformers' Llama: pairs
+    (k, k + r/2)). Applied to q and k alike, it leaves every q·k, and so the attention, unchanged."""
+
+    name: ClassVar[str] = "permute_rotary"
+    heads: int
+    rotary_dim: int | None = None  # None: the whole head
+    to: Literal["halves", "interleaved"] = "halves"
+
+    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
+        shape = shapes[0]
+        if not shape or self.heads <= 0 or shape[0] % self.heads:
+            raise TransformShapeError(
+                f"permute_rotary: dimension 0 of {list(shape)} must be a multiple of heads={self.heads}"
+            )
+        head_dim = shape[0] // self.heads
+        rotary = head_dim if self.rotary_dim is None else self.rotary_dim
+        if not 0 < rotary <= head_dim or rotary % 2:
+            raise TransformShapeError(
+                f"permute_rotary: rotary_dim {rotary} must be even and within the head's {head_dim} rows"
+            )
+        return shape
+
+    def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        tensor = tensors[0]
+        head_dim = tensor.shape[0] // self.heads
+        rotary = head_dim if self.rotary_dim is None else self.rotary_dim
+        to_halves = torch.cat([torch.arange(0, rotary, 2), torch.arange(1, rotary, 2)])  # halves[i] = interleaved[o[i]]
+        order = to_halves if self.to == "halves" else torch.argsort(to_halves)
+        order = torch.cat([order, torch.arange(rotary, head_dim)])
+        heads = tensor.reshape(self.heads, head_dim, *tensor.shape[1:])
+        return heads[:, order].reshape(tensor.shape)
+
+
 TRANSFORMS: dict[str, type[Transform]] = {
-    cls.name: cls for cls in (Copy, Transpose, SplitHeads, Concat, Slice, Reshape, Repeat, Cast)
+    cls.name: cls
+    for cls in (Copy, Transpose, SplitHeads, Concat, Slice, Reshape, Repeat, Cast, Split, Scale, Add, PermuteRotary)
 }
 
 

@@ -1,9 +1,10 @@
 """`${source.key}` expressions in mapping files, evaluated without `eval`.
 
-An expression reads keys of the source config (nested with dots) and combines integers with + - * // % and
-parentheses. `a or b` gives the first operand that exists and is not null, for keys that only some source configs
-carry (`${source.head_dim or source.hidden_size // source.num_attention_heads}`), and `a if x == y else b` chooses
-by a comparison (`==`, `!=`) for what differs between model types. A value that is exactly one
+An expression reads keys of the source config (nested with dots) and combines numbers with + - * / // % ** and
+parentheses. `a or b` gives the first operand that exists and is not null (null when the ones that exist are all
+null: `source.sliding_window or None`), for keys that only some source configs carry
+(`${source.head_dim or source.hidden_size // source.num_attention_heads}`), and `a if x == y else b` chooses by a
+comparison (== != < <= > >=, joined with `and`) for what differs between model types. A value that is exactly one
 `${...}` keeps the result's type; an expression inside a longer string is interpolated as text. An expression is at
 most 1,000 characters and its numbers stay within ±2**63, so that a typo cannot hang the parser or size a tensor.
 """
@@ -30,7 +31,16 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Mod: operator.mod,
     ast.Div: operator.truediv,
 }
-_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {ast.Eq: operator.eq, ast.NotEq: operator.ne}
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+_ORDERED = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+MAX_EXPONENT = 64  # ** is for roots and small powers (Gemma's sqrt(hidden_size) is `** 0.5`)
 _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -93,8 +103,20 @@ def _shown(text: str) -> str:
 
 
 def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> Any:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float | str | bool):
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, int | float | str | bool)):
         return _bounded(node.value, text)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        base, exponent = (_evaluate_node(side, namespace, text) for side in (node.left, node.right))
+        _require_number(base, text)
+        _require_number(exponent, text)
+        if abs(exponent) > MAX_EXPONENT:
+            raise ExpressionError(f"{_shown(text)}: an exponent beyond ±{MAX_EXPONENT}")
+        if base < 0 and not float(exponent).is_integer():
+            raise ExpressionError(f"{_shown(text)}: a fractional power of a negative number")
+        try:
+            return _bounded(base**exponent, text)
+        except (OverflowError, ZeroDivisionError):
+            raise ExpressionError(f"{_shown(text)}: the power is not a finite number") from None
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left = _evaluate_node(node.left, namespace, text)
         right = _evaluate_node(node.right, namespace, text)
@@ -109,6 +131,7 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
         _require_number(operand, text)
         return _UNARY[type(node.op)](operand)
     if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):
+        existed = False
         for operand in node.values:
             try:
                 value = _evaluate_node(operand, namespace, text)
@@ -116,18 +139,32 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
                 continue
             if value is not None:
                 return value
+            existed = True
+        if existed:  # `source.sliding_window or None`: every alternative that exists is null
+            return None
         raise ExpressionError(f"{_shown(text)}: none of the alternatives exists in the source config")
+    if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And):
+        value = True
+        for operand in node.values:
+            value = _evaluate_node(operand, namespace, text)
+            if not value:
+                return value
+        return value
     if isinstance(node, ast.IfExp):
         condition = _evaluate_node(node.test, namespace, text)
         return _evaluate_node(node.body if condition else node.orelse, namespace, text)
     if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
         left = _evaluate_node(node.left, namespace, text)
         right = _evaluate_node(node.comparators[0], namespace, text)
+        if isinstance(node.ops[0], _ORDERED):
+            _require_number(left, text)
+            _require_number(right, text)
         return _COMPARE[type(node.ops[0])](left, right)
     if isinstance(node, ast.Name | ast.Attribute):
         return _lookup(_dotted_name(node, text), namespace, text)
     raise ExpressionError(
-        f"{_shown(text)}: only config keys, constants, + - * / // %, `or`, `==`, `!=` and `a if c else b` are allowed, "
+        f"{_shown(text)}: only config keys, constants (numbers, text, true/false, None), + - * / // % **, `or`, "
+        "`and`, comparisons (== != < <= > >=) and `a if c else b` are allowed, "
         f"not {type(node).__name__}"
     )
 

@@ -13,6 +13,12 @@ import re
 from collections.abc import Sequence
 
 LCI_MIXERS: tuple[str, ...] = ("mamba", "mamba2")  # the mixers a converted layer can get
+LCI = "lci"  # a rule's `where: lci` selects every layer that gets an LCI mixer, whichever it is
+
+
+def layer_selected(where: str | None, layer_type: str) -> bool:
+    """Whether a rule's `where` (None: every layer) selects a layer of this type."""
+    return where is None or where == layer_type or (where == LCI and layer_type in LCI_MIXERS)
 
 PRESETS = {
     "none": "no attention layers (pure LCI model)",

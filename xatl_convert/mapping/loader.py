@@ -162,18 +162,31 @@ def builtin_mapping_dir() -> Path:
     raise MappingError("built-in mappings folder is missing from this installation")
 
 
+FAMILY_MIXERS = re.compile(r"^\s*mixer:\s*\[([^\]]*)\]", re.MULTILINE)
+
+
 def builtin_mappings() -> dict[str, Path]:
-    """Built-in mapping names (file stems) and their files."""
-    return {path.stem: path for path in sorted(builtin_mapping_dir().glob("*.yaml"))}
+    """Built-in mapping names and their files: a family file (`target.mixer: [mamba, mamba2]`) gives one name per
+    mixer, FAMILY-to-MIXER; a single-mixer file is named by its stem. Read without parsing, so listing is cheap."""
+    names: dict[str, Path] = {}
+    for path in sorted(builtin_mapping_dir().glob("*.yaml")):
+        found = FAMILY_MIXERS.search(path.read_text(encoding="utf-8"))
+        mixers = [item.strip() for item in found.group(1).split(",")] if found else []
+        names.update({f"{path.stem}-to-{mixer}": path for mixer in mixers} if mixers else {path.stem: path})
+    return dict(sorted(names.items()))
 
 
 def load_mapping(reference: str | Path) -> Mapping:
-    """Load a mapping by built-in name or by file path."""
+    """Load a mapping by built-in name (FAMILY-to-MIXER for a family file) or by file path."""
     path = Path(reference)
     if not path.is_file():
         known = builtin_mappings()
         if str(reference) in known:
-            path = known[str(reference)]
+            mapping = parse_mapping(_read_text(known[str(reference)]), str(known[str(reference)]))
+            prefix = f"{known[str(reference)].stem}-to-"
+            if str(reference).startswith(prefix):
+                return mapping.for_mixer(str(reference).removeprefix(prefix))
+            return mapping
         else:
             near = difflib.get_close_matches(str(reference), known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f" (built-in: {', '.join(known)})"

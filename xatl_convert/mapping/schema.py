@@ -13,7 +13,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from xatl_convert.mapping.expressions import substitute
 from xatl_convert.transforms import TransformChain, parse_transform
 
-LayerType = Literal["attention", "mamba", "mamba2"]
+LayerType = Literal["attention", "mamba", "mamba2", "lci"]  # lci: every layer with an LCI mixer
+Mixer = Literal["mamba", "mamba2"]
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
 InitStrategy = Literal["default", "zeros", "ones", "copy"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
@@ -137,6 +138,15 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "bool": {"type": "boolean"},
     "str": {"type": "string"},
     "norm": {"enum": ["layernorm", "rmsnorm"]},
+    "int>=0": {"type": "integer", "minimum": 0},
+    "norm_layout": {"enum": ["pre", "post", "sandwich"]},
+    "qk_norm": {"enum": ["head", "full", None]},
+    "positions": {"enum": ["rope", "learned"]},
+    "attention_types": {
+        "type": ["array", "null"],
+        "items": {"enum": ["full_attention", "sliding_attention"]},
+    },
+    "flags?": {"type": ["array", "null"], "items": {"enum": [0, 1]}},
     "dict?": {"type": ["object", "null"]},
     "token": {"anyOf": [{"type": ["integer", "null"]}, {"type": "array", "items": {"type": "integer"}}]},
     "dt_rank": {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]},
@@ -199,6 +209,12 @@ class TargetConfig(_Strict):
     norm_type: Any = _key("norm", "layernorm", "layernorm or rmsnorm")
     norm_eps: Any = _key("number", 1e-5, "epsilon of every norm")
     norm_bias: Any = _key("bool", True, "LayerNorm has a bias")
+    norm_weight_offset: Any = _key(
+        "number>=0", 0.0, "RMSNorm scales by (offset + weight): 1 for Gemma, whose norm weights are stored as w - 1"
+    )
+    norm_layout: Any = _key(
+        "norm_layout", "pre", "pre: norm → sublayer; post: sublayer → norm (OLMo2); sandwich: both (Gemma 2, 3)"
+    )
     hidden_act: Any = _key("str", "gelu", "MLP activation, a name in transformers' ACT2FN (gelu, silu, ...)")
     mlp_bias: Any = _key("bool", True, "the MLP's linear layers have biases")
     mlp_gated: Any = _key("bool", False, "gated MLP: fc1 rows are [up; gate], out = fc2(up * act(gate))")
@@ -210,6 +226,20 @@ class TargetConfig(_Strict):
     head_dim: Any = _key("int?", None, "width of an attention head; null: hidden_size / num_attention_heads")
     attention_bias: Any = _key("bool", True, "q, k and v projections have biases")
     attention_out_bias: Any = _key("bool", True, "the attention output projection (W_O) has a bias")
+    qk_norm: Any = _key("qk_norm", None, "norm q and k before RoPE: head (per head, Qwen3) or full (OLMo2); null: none")
+    attention_multiplier: Any = _key("number?", None, "softmax scale of q·k (Granite, Gemma); null: head_dim ** -0.5")
+    attn_logit_softcapping: Any = _key("number?", None, "cap · tanh(score / cap) on attention scores (Gemma 2)")
+    sliding_window: Any = _key("int?", None, "keys a sliding layer's query sees, itself included; null: none")
+    attention_types: Any = _key(
+        "attention_types", None, "per layer full_attention or sliding_attention; null: all slide when sliding_window"
+    )
+    position_embedding_type: Any = _key("positions", "rope", "rope, or learned absolute positions (GPT-2, OPT)")
+    position_embedding_offset: Any = _key("int>=0", 0, "rows of the learned position table before position 0 (OPT: 2)")
+    rope_interleaved: Any = _key("bool", False, "rotate dims in pairs (2k, 2k+1) as GPT-J, not in halves as Llama")
+    no_rope_layers: Any = _key("flags?", None, "per layer 1 = RoPE, 0 = no positions (SmolLM3, Llama 4); null: all")
+    sliding_rope_parameters: Any = _key(
+        "dict?", None, "RoPE of sliding layers (Gemma 3's local base); null: rope_parameters"
+    )
     partial_rotary_factor: Any = _key("fraction?", None, "legacy: share of head_dim that RoPE rotates")
     rope_theta: Any = _key("number?", None, "legacy: RoPE base; prefer rope_parameters")
     rope_parameters: Any = _key(
@@ -220,6 +250,11 @@ class TargetConfig(_Strict):
     mamba: MambaSettings | None = Field(default=None, description="Mamba (v1) mixer settings")
     mamba2: Mamba2Settings | None = Field(default=None, description="Mamba2 mixer settings")
     tie_word_embeddings: Any = _key("bool", False, "the LM head shares the embedding matrix")
+    lm_head_bias: Any = _key("bool", False, "the LM head has a bias (GPT-J)")
+    embedding_multiplier: Any = _key("number", 1.0, "embeddings are multiplied by it (Gemma: sqrt(hidden); Granite)")
+    residual_multiplier: Any = _key("number", 1.0, "each sublayer's output is multiplied by it before the add (Granite)")
+    logits_scaling: Any = _key("number", 1.0, "logits are divided by it (Granite)")
+    final_logit_softcapping: Any = _key("number?", None, "cap · tanh(logit / cap) on the logits (Gemma 2)")
     initializer_range: Any = _key("number>=0", 0.02, "std of the default init of linear and embedding weights")
     use_cache: Any = _key("bool", False, "generate() keeps a cache by default")
     pad_token_id: Any = _key("token", None, "padding token id")
@@ -242,10 +277,11 @@ def _declared_keys_only(value: Any) -> Any:
 
 
 class TargetSpec(_Strict):
-    """The target model: its LCI mixer, which layers stay attention, and its config (expressions allowed)."""
+    """The target model: its LCI mixer (or the mixers a family mapping serves, the first by default; `--to` picks),
+    which layers stay attention, and its config (expressions allowed)."""
 
     model_type: Literal["xatl"] = "xatl"
-    mixer: Literal["mamba", "mamba2"] = "mamba"
+    mixer: Mixer | list[Mixer] = "mamba"
     attention_layers: str | list[IntOrExpression] = Field(
         default_factory=list, description="layer indices kept as attention, or a preset name such as 'paper'"
     )
@@ -254,8 +290,22 @@ class TargetSpec(_Strict):
     )
 
 
+    @field_validator("mixer")
+    @classmethod
+    def _distinct_mixers(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or len(set(value)) != len(value)):
+            raise ValueError("a list of mixers names each LCI mixer once, at least one")
+        return value
+
+    @property
+    def mixers(self) -> list[str]:
+        """The mixers this mapping can produce."""
+        return [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
+
+
 class Mapping(_Strict):
-    """One source family → one target: config derivation, tensor rules, inits and drops."""
+    """One source family → one target: config derivation, tensor rules, inits and drops. A family mapping serves
+    several mixers (`target.mixer: [mamba, mamba2]`); `for_mixer` gives the mapping for one."""
 
     name: str
     description: str = ""
@@ -281,6 +331,18 @@ class Mapping(_Strict):
             if rule.when is not None and rule.when not in self.options:
                 raise ValueError(f"rule for {rule.target!r} uses option {rule.when!r}, which 'options' does not define")
         return self
+
+    def for_mixer(self, mixer: str) -> Mapping:
+        """This mapping producing `mixer` (one of `target.mixers`), named NAME-to-MIXER; locations and text are kept."""
+        if mixer not in self.target.mixers:
+            raise ValueError(f"mapping {self.name!r} produces {', '.join(self.target.mixers)}, not {mixer!r}")
+        if len(self.target.mixers) == 1:
+            return self
+        chosen = self.model_copy(
+            update={"name": f"{self.name}-to-{mixer}", "target": self.target.model_copy(update={"mixer": mixer})}
+        )
+        chosen._file, chosen._text = self._file, self._text
+        return chosen
 
     @property
     def file(self) -> str:

@@ -22,6 +22,7 @@ from .modeling_xatl import (
     init_xatl_weights,
     new_cache,
     rotary_cos_sin,
+    rotary_tables,
     selective_scan_reference,
     ssd_chunk_scan_reference,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "init_xatl_weights",
     "new_cache",
     "rotary_cos_sin",
+    "rotary_tables",
     "selective_scan_reference",
     "ssd_chunk_scan_reference",
 ]

@@ -21,6 +21,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LAYER_TYPES: tuple[str, ...] = ("attention", "mamba", "mamba2")
 NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
+# Where a block's norms sit: "pre" norm → sublayer (Llama, GPT-NeoX); "post" sublayer → norm, added to the raw
+# stream (OLMo2); "sandwich" both (Gemma 2 and 3).
+NORM_LAYOUTS: tuple[str, ...] = ("pre", "post", "sandwich")
+QK_NORMS: tuple[str, ...] = ("head", "full")  # q/k norm over each head (Qwen3, Gemma 3) or the whole width (OLMo2)
+POSITION_EMBEDDINGS: tuple[str, ...] = ("rope", "learned")  # learned: absolute positions added to the embeddings
+ATTENTION_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")  # transformers' own names
 
 DEFAULT_ROPE_THETA = 10000.0
 # RoPE variants computed by transformers' own functions (`modeling_rope_utils.ROPE_INIT_FUNCTIONS`; "default" is a
@@ -166,6 +172,40 @@ def _dt_rank(key: str, value: Any) -> None:
         _positive_int()(key, value)
 
 
+def _choice(choices: tuple[str, ...], optional: bool = False) -> Check:
+    def check(key: str, value: Any) -> None:
+        if (value is None and optional) or value in choices:
+            return
+        near = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        allowed = [*choices, "null"] if optional else list(choices)
+        raise XatlConfigError(f"{key} must be one of {allowed}, got {_shown(value)}{hint}", key)
+
+    return check
+
+
+def _list_of(kinds: tuple[str, ...] | None) -> Check:
+    """A list per layer: of the given names, or (kinds None) of 0/1 flags; None means 'the default for every layer'."""
+
+    def check(key: str, value: Any) -> None:
+        if value is None:
+            return
+        if kinds is None:
+            if isinstance(value, list) and all(_is_int(item) and item in (0, 1) for item in value):
+                return
+            raise XatlConfigError(f"{key} must be a list of 0/1 flags (one per layer) or null, got {_shown(value)}", key)
+        if not (isinstance(value, list) and all(item in kinds for item in value)):
+            raise XatlConfigError(f"{key} must be a list of {list(kinds)} (one per layer) or null, got {_shown(value)}",
+                                  key)  # fmt: skip
+
+    return check
+
+
+def _non_negative_int(key: str, value: Any) -> None:
+    if not _is_int(value) or value < 0:
+        raise XatlConfigError(f"{key} must be an integer >= 0, got {_shown(value)}", key)
+
+
 def _init_range(key: str, value: Any) -> None:
     if not (isinstance(value, list | tuple) and len(value) == 2 and all(_is_number(item) for item in value)):
         raise XatlConfigError(f"{key} must be two numbers [low, high], got {_shown(value)}", key)
@@ -183,6 +223,8 @@ CONFIG_CHECKS: dict[str, Check] = {
     "norm_type": _norm_type,
     "norm_eps": _positive_number,
     "norm_bias": _bool,
+    "norm_weight_offset": _non_negative_number,
+    "norm_layout": _choice(NORM_LAYOUTS),
     "hidden_act": _activation,
     "mlp_bias": _bool,
     "mlp_gated": _bool,
@@ -192,6 +234,16 @@ CONFIG_CHECKS: dict[str, Check] = {
     "head_dim": _optional(_positive_int()),
     "attention_bias": _bool,
     "attention_out_bias": _bool,
+    "qk_norm": _choice(QK_NORMS, optional=True),
+    "attention_multiplier": _optional(_positive_number),
+    "attn_logit_softcapping": _optional(_positive_number),
+    "sliding_window": _optional(_positive_int()),
+    "attention_types": _list_of(ATTENTION_TYPES),
+    "position_embedding_type": _choice(POSITION_EMBEDDINGS),
+    "position_embedding_offset": _non_negative_int,
+    "rope_interleaved": _bool,
+    "no_rope_layers": _list_of(None),
+    "sliding_rope_parameters": _settings,
     "partial_rotary_factor": _optional(_fraction),
     "rope_theta": _optional(_positive_number),
     "rope_parameters": _settings,
@@ -200,6 +252,11 @@ CONFIG_CHECKS: dict[str, Check] = {
     "mamba": _settings,
     "mamba2": _settings,
     "tie_word_embeddings": _bool,
+    "lm_head_bias": _bool,
+    "embedding_multiplier": _positive_number,
+    "residual_multiplier": _positive_number,
+    "logits_scaling": _positive_number,
+    "final_logit_softcapping": _optional(_positive_number),
     "initializer_range": _non_negative_number,
     "use_cache": _bool,
     "pad_token_id": _token_id,
@@ -264,6 +321,15 @@ class XatlConfig(PreTrainedConfig):
     shape. `mamba2` holds mamba-ssm's Mamba2 mixer arguments, merged over `MAMBA2_DEFAULTS`; when a layer is
     "mamba2", expand * hidden_size must be divisible by `headdim` and by `ngroups`.
 
+    Family features (each off by default): `norm_weight_offset` (Gemma's (1 + w) norms), `norm_layout` (pre, post or
+    sandwich norms), `qk_norm` (per head or full width), `attention_multiplier` (the softmax scale, default
+    head_dim ** -0.5), `attn_logit_softcapping` and `final_logit_softcapping` (Gemma 2), `sliding_window` with
+    `attention_types` (per layer "full_attention" or "sliding_attention"; every attention layer slides when
+    attention_types is null), `position_embedding_type` "learned" with `position_embedding_offset` (GPT-2, OPT),
+    `rope_interleaved` (GPT-J), `no_rope_layers` (SmolLM3's per-layer flags: 1 = RoPE, 0 = none),
+    `sliding_rope_parameters` (Gemma 3's RoPE of sliding layers), `lm_head_bias`, and Granite's
+    `embedding_multiplier`, `residual_multiplier`, `logits_scaling` (logits are divided by it).
+
     RoPE is described by a flat transformers-style `rope_parameters` dict (`rope_type`, `rope_theta`, optional
     `partial_rotary_factor`, and the type's own keys, e.g. llama3's `factor`, `low_freq_factor`, `high_freq_factor`,
     `original_max_position_embeddings`); it is what config.json stores. The legacy `rope_theta=` and
@@ -286,6 +352,8 @@ class XatlConfig(PreTrainedConfig):
         norm_type: str = "layernorm",
         norm_eps: float = 1e-5,
         norm_bias: bool = True,
+        norm_weight_offset: float = 0.0,
+        norm_layout: str = "pre",
         hidden_act: str = "gelu",
         mlp_bias: bool = True,
         mlp_gated: bool = False,
@@ -295,6 +363,16 @@ class XatlConfig(PreTrainedConfig):
         head_dim: int | None = None,
         attention_bias: bool = True,
         attention_out_bias: bool = True,
+        qk_norm: str | None = None,
+        attention_multiplier: float | None = None,
+        attn_logit_softcapping: float | None = None,
+        sliding_window: int | None = None,
+        attention_types: list[str] | None = None,
+        position_embedding_type: str = "rope",
+        position_embedding_offset: int = 0,
+        rope_interleaved: bool = False,
+        no_rope_layers: list[int] | None = None,
+        sliding_rope_parameters: dict[str, Any] | None = None,
         partial_rotary_factor: float | None = None,
         rope_theta: float | None = None,
         rope_parameters: dict[str, Any] | None = None,
@@ -303,6 +381,11 @@ class XatlConfig(PreTrainedConfig):
         mamba: dict[str, Any] | None = None,
         mamba2: dict[str, Any] | None = None,
         tie_word_embeddings: bool = False,
+        lm_head_bias: bool = False,
+        embedding_multiplier: float = 1.0,
+        residual_multiplier: float = 1.0,
+        logits_scaling: float = 1.0,
+        final_logit_softcapping: float | None = None,
         initializer_range: float = 0.02,
         use_cache: bool = False,
         pad_token_id: int | None = None,
@@ -320,6 +403,8 @@ class XatlConfig(PreTrainedConfig):
         self.norm_type = norm_type
         self.norm_eps = norm_eps
         self.norm_bias = norm_bias
+        self.norm_weight_offset = norm_weight_offset
+        self.norm_layout = norm_layout
         self.hidden_act = hidden_act
         self.mlp_bias = mlp_bias
         self.mlp_gated = mlp_gated
@@ -328,6 +413,23 @@ class XatlConfig(PreTrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_out_bias
+        self.qk_norm = qk_norm
+        self.attention_multiplier = attention_multiplier
+        self.attn_logit_softcapping = attn_logit_softcapping
+        self.sliding_window = sliding_window
+        self.attention_types = list(attention_types) if attention_types is not None else None
+        self.position_embedding_type = position_embedding_type
+        self.position_embedding_offset = position_embedding_offset
+        self.rope_interleaved = rope_interleaved
+        self.no_rope_layers = list(no_rope_layers) if no_rope_layers is not None else None
+        self.sliding_rope_parameters = (
+            None if sliding_rope_parameters is None else self._build_rope_parameters(sliding_rope_parameters, None, None)
+        )
+        self.lm_head_bias = lm_head_bias
+        self.embedding_multiplier = embedding_multiplier
+        self.residual_multiplier = residual_multiplier
+        self.logits_scaling = logits_scaling
+        self.final_logit_softcapping = final_logit_softcapping
         self.max_position_embeddings = max_position_embeddings
         # Set before super().__init__, which standardises it (e.g. fills llama3/yarn/longrope's
         # `original_max_position_embeddings` from max_position_embeddings when absent) and validates it.
@@ -499,6 +601,13 @@ class XatlConfig(PreTrainedConfig):
             )
         if "mamba2" in self.layer_types:
             self._check_mamba2()
+        for key in ("attention_types", "no_rope_layers"):
+            value = getattr(self, key, None)
+            if value is not None and len(value) != self.num_hidden_layers:
+                raise XatlConfigError(f"{key} has {len(value)} entries but num_hidden_layers={self.num_hidden_layers}",
+                                      key, "num_hidden_layers")  # fmt: skip
+        if self.qk_norm == "full" and self.norm_type != "rmsnorm":
+            raise XatlConfigError("qk_norm: full needs norm_type: rmsnorm (OLMo2's q/k norm)", "qk_norm", "norm_type")
         rope_type = self.rope_parameters.get("rope_type")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise XatlConfigError(

@@ -8,6 +8,7 @@ causal_conv1d are optional and imported lazily, per call, only for CUDA inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -353,18 +354,22 @@ def causal_attention_mask(past: int, length: int, device: torch.device | str | N
 
 
 class XatlRMSNorm(nn.Module):
-    """RMSNorm computed in fp32, exactly as transformers' Llama does it."""
+    """RMSNorm computed in fp32, exactly as transformers' Llama does it; with a weight offset (Gemma's 1 + w, whose
+    weights are stored as offsets from 1), exactly as Gemma does it: the weight is applied in fp32 before the cast."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.weight_offset = weight_offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight_offset:
+            return (hidden_states * (self.weight_offset + self.weight.float())).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
 
@@ -439,10 +444,11 @@ def _short_conv(
     return x
 
 
-def _make_norm(config: XatlConfig) -> nn.Module:
+def _make_norm(config: XatlConfig, width: int | None = None) -> nn.Module:
+    width = config.hidden_size if width is None else width
     if config.norm_type == "rmsnorm":
-        return XatlRMSNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+        return XatlRMSNorm(width, eps=config.norm_eps, weight_offset=config.norm_weight_offset)
+    return nn.LayerNorm(width, eps=config.norm_eps, bias=config.norm_bias)
 
 
 class XatlMLP(nn.Module):
@@ -517,17 +523,40 @@ def rope_inv_freq(config: XatlConfig, position_ids: torch.Tensor) -> tuple[torch
 def rotary_cos_sin(
     config: XatlConfig, position_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (batch, L, rotary_dims), built exactly as transformers' GPT-NeoX / Llama rotary modules.
+    """cos, sin of shape (batch, L, rotary_dims), built exactly as transformers' GPT-NeoX / Llama rotary modules
+    (or, with rope_interleaved, GPT-J's: each frequency repeated for its pair of dims).
 
     See `rope_inv_freq`; cos and sin are scaled by the rope type's attention_scaling (yarn, longrope), as Llama
     does. Nothing is stored in a buffer: a meta-device model made real by `to_empty` has nothing to re-initialise.
     """
     inv_freq, attention_scaling = rope_inv_freq(config, position_ids)
     freqs = position_ids[..., None].float() * inv_freq.to(device=position_ids.device, dtype=torch.float)
-    emb = torch.cat((freqs, freqs), dim=-1)
+    if getattr(config, "rope_interleaved", False):
+        emb = freqs.repeat_interleave(2, dim=-1)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
     cos = emb.cos() * attention_scaling
     sin = emb.sin() * attention_scaling
     return cos.to(dtype), sin.to(dtype)
+
+
+def rotary_tables(
+    config: XatlConfig, position_ids: torch.Tensor, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) per RoPE an attention layer may use: "full_attention" from rope_parameters and, when the config has
+    sliding_rope_parameters (Gemma 3's local RoPE), "sliding_attention" from those."""
+    tables = {"full_attention": rotary_cos_sin(config, position_ids, dtype)}
+    if getattr(config, "sliding_rope_parameters", None) is not None:
+        tables["sliding_attention"] = rotary_cos_sin(_sliding_rope_config(config), position_ids, dtype)
+    return tables
+
+
+def _sliding_rope_config(config: XatlConfig) -> XatlConfig:
+    """A shallow copy of the config whose rope_parameters are the sliding layers' (transformers' RoPE functions read
+    config.rope_parameters). Not cached on the config, which would then save it to config.json."""
+    local = copy.copy(config)
+    local.__dict__["rope_parameters"] = config.sliding_rope_parameters
+    return local
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -535,16 +564,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotation: each pair (2k, 2k+1) becomes (-x[2k+1], x[2k])."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x (batch, heads, L, head_dim); pass the rest through."""
     rot = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    rotated = _rotate_every_two(x_rot) if interleaved else _rotate_half(x_rot)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
 class XatlAttention(nn.Module):
-    """Causal softmax attention with (partial) RoPE and GQA; q/k/v stored blocked, like Llama."""
+    """Causal softmax attention with (partial) RoPE and GQA; q/k/v stored blocked, like Llama.
+
+    Per the config: q/k norms (per head or full width, before RoPE), the softmax scale (attention_multiplier),
+    score soft-capping, a sliding window on this layer, interleaved or no RoPE.
+    """
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
         super().__init__()
@@ -558,33 +598,87 @@ class XatlAttention(nn.Module):
         self.v_proj = nn.Linear(h, kv_dim, bias=config.attention_bias)
         self.out_proj = nn.Linear(q_dim, h, bias=config.attention_out_bias)
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            full = self.qk_norm == "full"
+            self.q_norm = _make_norm(config, q_dim if full else self.head_dim)
+            self.k_norm = _make_norm(config, kv_dim if full else self.head_dim)
+        self.scale = config.attention_multiplier or self.head_dim**-0.5
+        self.softcap = config.attn_logit_softcapping
+        self.attention_type = attention_type(config, layer_idx)
+        self.window = config.sliding_window if self.attention_type == "sliding_attention" else None
+        self.rope = uses_rope(config, layer_idx)
+        self.rope_interleaved = config.rope_interleaved
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
         attn_mask: torch.Tensor | None = None,
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
         """attn_mask: None (plain causal, or all keys for one new token) or a boolean (batch, 1, L, past + L) mask,
-        True = may attend. With a cache, the new keys and values are appended to it and attend with the old ones."""
+        True = may attend. With a cache, the new keys and values are appended to it and attend with the old ones.
+        position_embeddings: (cos, sin) per RoPE kind, from `rotary_tables`."""
         b, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, length, self.num_heads, self.head_dim)
+        k = k.view(b, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        if cos.shape[-1] > 0:
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        if self.rope and position_embeddings is not None:
+            cos, sin = position_embeddings.get(self.attention_type) or position_embeddings["full_attention"]
+            if cos.shape[-1] > 0:
+                q = _apply_rotary(q, cos, sin, self.rope_interleaved)
+                k = _apply_rotary(k, cos, sin, self.rope_interleaved)
         if cache is not None:
             k, v = cache.update_attention(self.layer_idx, k, v)
         if self.num_kv_heads != self.num_heads:  # GQA: each kv head serves a consecutive group of query heads
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        is_causal = attn_mask is None and k.shape[2] == length  # else one new token, which sees every key
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.head_dim**-0.5
-        )
+        out = self._attend(q, k, v, attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        length, total = q.shape[2], k.shape[2]
+        if self.window is not None:  # a query sees the `window` newest keys, itself included (transformers' rule)
+            if attn_mask is None:
+                attn_mask = causal_attention_mask(total - length, length, q.device)
+            query_pos = torch.arange(total - length, total, device=q.device)[:, None]
+            key_pos = torch.arange(total, device=q.device)[None, :]
+            attn_mask = attn_mask & (key_pos > query_pos - self.window)
+        if self.softcap is None:
+            is_causal = attn_mask is None and total == length  # else one new token, which sees every key
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        # Soft-capped scores (Gemma 2) need the scores themselves: transformers' eager attention, step for step.
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if attn_mask is None and total == length:
+            attn_mask = causal_attention_mask(0, length, q.device)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
+
+
+def attention_type(config: XatlConfig, layer_idx: int) -> str:
+    """"sliding_attention" where layer `layer_idx` attends within a window, else "full_attention"."""
+    if getattr(config, "sliding_window", None) is None:
+        return "full_attention"
+    types = getattr(config, "attention_types", None)
+    return "sliding_attention" if types is None else types[layer_idx]
+
+
+def uses_rope(config: XatlConfig, layer_idx: int) -> bool:
+    """Whether layer `layer_idx`'s attention rotates q and k: not with learned positions, not on NoPE layers."""
+    if getattr(config, "position_embedding_type", "rope") != "rope":
+        return False
+    flags = getattr(config, "no_rope_layers", None)
+    return flags is None or bool(flags[layer_idx])
 
 
 class XatlMamba(nn.Module):
@@ -741,49 +835,76 @@ class XatlMamba2(nn.Module):
 
 
 class XatlBlock(GradientCheckpointingLayer):
-    """norm → mixer and norm → MLP, with a parallel (GPT-NeoX) or sequential (Llama) residual."""
+    """norm → mixer and norm → MLP, with a parallel (GPT-NeoX) or sequential (Llama) residual.
+
+    `norm_layout` "post" normalises each sublayer's output instead of its input (OLMo2: `post_mixer_norm`,
+    `post_mlp_norm`), "sandwich" does both (Gemma 2 and 3); `residual_multiplier` scales what each sublayer adds
+    (Granite).
+    """
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.parallel_residual = config.parallel_residual
-        self.input_norm = _make_norm(config)
+        self.residual_multiplier = config.residual_multiplier
+        self.pre_norm = config.norm_layout in ("pre", "sandwich")
+        self.post_norm = config.norm_layout in ("post", "sandwich")
+        if self.pre_norm:
+            self.input_norm = _make_norm(config)
         if self.layer_type == "attention":
             self.mixer: nn.Module = XatlAttention(config, layer_idx)
         elif self.layer_type == "mamba2":
             self.mixer = XatlMamba2(config, layer_idx)
         else:
             self.mixer = XatlMamba(config, layer_idx)
-        self.mlp_norm = _make_norm(config)
+        if self.post_norm:
+            self.post_mixer_norm = _make_norm(config)
+        if self.pre_norm:
+            self.mlp_norm = _make_norm(config)
         self.mlp = XatlMLP(config)
+        if self.post_norm:
+            self.post_mlp_norm = _make_norm(config)
+
+    def mixer_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the mixer reads: the normed stream (or, with post norms only, the stream itself)."""
+        return self.input_norm(hidden_states) if self.pre_norm else hidden_states
 
     def mix(
         self,
         normed: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         attn_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
-        """The mixer's output for already-normed inputs: the only part of a block that a cache changes, which is
+        """The mixer's output for its inputs (`mixer_input`): the only part of a block that a cache changes, which is
         what verify's incremental-decoding check compares, free of the residual stream."""
         if self.layer_type == "attention":
             return self.mixer(normed, position_embeddings, attn_mask, cache=cache)
         return self.mixer(normed, padding_mask, cache=cache)
 
+    def _mlp_branch(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.mlp_norm(hidden_states) if self.pre_norm else hidden_states)
+        return self.post_mlp_norm(out) if self.post_norm else out
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch * self.residual_multiplier if self.residual_multiplier != 1.0 else branch
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         attn_mask: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
-        mixed = self.mix(self.input_norm(hidden_states), position_embeddings, attn_mask, padding_mask, cache)
+        mixed = self.mix(self.mixer_input(hidden_states), position_embeddings, attn_mask, padding_mask, cache)
+        if self.post_norm:
+            mixed = self.post_mixer_norm(mixed)
         if self.parallel_residual:
-            return hidden_states + mixed + self.mlp(self.mlp_norm(hidden_states))
-        hidden_states = hidden_states + mixed
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+            return hidden_states + self._scaled(mixed) + self._scaled(self._mlp_branch(hidden_states))
+        hidden_states = hidden_states + self._scaled(mixed)
+        return hidden_states + self._scaled(self._mlp_branch(hidden_states))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -825,8 +946,8 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
         if _fresh(module.weight):
             nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
     elif isinstance(module, (nn.LayerNorm, XatlRMSNorm, XatlGatedRMSNorm)):
-        if _fresh(module.weight):
-            nn.init.ones_(module.weight)
+        if _fresh(module.weight):  # a scale of 1: with Gemma's (offset + w), w = 1 - offset
+            nn.init.constant_(module.weight, 1.0 - getattr(module, "weight_offset", 0.0))
         if _fresh(getattr(module, "bias", None)):
             nn.init.zeros_(module.bias)
     elif isinstance(module, XatlMamba):
@@ -894,6 +1015,9 @@ class XatlModel(XatlPreTrainedModel):
     def __init__(self, config: XatlConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned":  # GPT-2, OPT (whose table starts `offset` rows in)
+            rows = config.max_position_embeddings + config.position_embedding_offset
+            self.embed_positions = nn.Embedding(rows, config.hidden_size)
         self.layers = nn.ModuleList([XatlBlock(config, i) for i in range(config.num_hidden_layers)])
         self.final_norm = _make_norm(config)
         self.gradient_checkpointing = False
@@ -933,6 +1057,8 @@ class XatlModel(XatlPreTrainedModel):
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding_multiplier != 1.0:  # cast first, as Gemma does (its sqrt(hidden) is rounded to bf16)
+            hidden_states = hidden_states * torch.tensor(self.config.embedding_multiplier, dtype=hidden_states.dtype)
         batch, length = hidden_states.shape[:2]
         device = hidden_states.device
         if cache is None and use_cache:
@@ -962,10 +1088,12 @@ class XatlModel(XatlPreTrainedModel):
                 attn_mask = attn_mask | (key_pos == query_pos)
 
         position_embeddings = None
-        if "attention" in self.config.layer_types:
-            if position_ids is None:
-                position_ids = torch.arange(past, total, device=device).unsqueeze(0)
-            position_embeddings = rotary_cos_sin(self.config, position_ids, hidden_states.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(past, total, device=device).unsqueeze(0)
+        if self.config.position_embedding_type == "learned":
+            hidden_states = hidden_states + self.embed_positions(position_ids + self.config.position_embedding_offset)
+        elif "attention" in self.config.layer_types:
+            position_embeddings = rotary_tables(self.config, position_ids, hidden_states.dtype)
 
         all_hidden_states: tuple[torch.Tensor, ...] = ()
         for layer in self.layers:
@@ -1006,7 +1134,7 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
     def __init__(self, config: XatlConfig) -> None:
         super().__init__(config)
         self.model = XatlModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
         # transformers copies config.use_cache (False by default here: plain forwards build no cache) into the
         # generation config, which would make `generate` re-read the whole prefix at every step. Generation
@@ -1060,6 +1188,11 @@ class XatlForCausalLM(XatlPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep])
+        if self.config.logits_scaling != 1.0:  # Granite divides
+            logits = logits / self.config.logits_scaling
+        if self.config.final_logit_softcapping is not None:  # Gemma 2
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             num_items = kwargs.get("num_items_in_batch")
@@ -1095,7 +1228,10 @@ __all__ = [
     "new_cache",
     "reference_path",
     "rope_inv_freq",
+    "attention_type",
     "rotary_cos_sin",
+    "rotary_tables",
     "selective_scan_reference",
     "ssd_chunk_scan_reference",
+    "uses_rope",
 ]

@@ -126,7 +126,7 @@ def incremental_decoding_error(call: LayerCall, config: XatlConfig) -> float:
     position_embeddings = call.args[1] if len(call.args) > 1 else call.kwargs.get("position_embeddings")
     total = hidden.shape[1]
     with torch.no_grad():
-        normed = block.input_norm(hidden)
+        normed = block.mixer_input(hidden)
         full = block.mix(normed, _positions(position_embeddings, 0, total))
         cache = XatlCache(config, hidden.shape[0], dtype=normed.dtype, device=normed.device)
         pieces = []
@@ -150,12 +150,12 @@ def _decode_segments(total: int) -> list[tuple[int, int]]:
 
 
 def _positions(
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, start: int, stop: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, start: int, stop: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The RoPE tables (one per kind, see `rotary_tables`) of positions start..stop."""
     if position_embeddings is None:
         return None
-    cos, sin = position_embeddings
-    return cos[:, start:stop], sin[:, start:stop]
+    return {kind: (cos[:, start:stop], sin[:, start:stop]) for kind, (cos, sin) in position_embeddings.items()}
 
 
 __all__ = ["ConvertedPass", "Run", "incremental_decoding_error", "next_token_loss", "relative_error"]
