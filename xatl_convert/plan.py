@@ -131,6 +131,7 @@ def build_plan(
         _check_override(key, value, mapping)
     source_config = normalised_source_config(source)
     bound = _bind(mapping, source_config)
+    _refuse_unsupported(source, bound)
     config_values = _merge_overrides(bound.target.config, overrides or {})
     options = {**bound.options, **config_values.pop("options", {})}
     bound = bound.model_copy(update={"options": options})
@@ -265,6 +266,16 @@ def _has_key(config: dict[str, Any], key: str) -> bool:
     return True
 
 
+def _refuse_unsupported(source: SourceCheckpoint, mapping: Mapping) -> None:
+    """The first `source.unsupported` entry whose condition holds for this source, as one error line."""
+    for index, entry in enumerate(mapping.source.unsupported):
+        where = locate(mapping, ("source", "unsupported", index))
+        if not isinstance(entry.condition, bool):
+            raise MappingError(f"{where}: condition must be true or false, got {entry.condition!r}")
+        if entry.condition:
+            raise UnsupportedModelError(f"{source.reference}: {entry.reason} (mapping {mapping.name}, {where})")
+
+
 def _semantic_warnings(source_config: dict[str, Any], target: XatlConfig, kept: list[int]) -> list[str]:
     """What the target computes differently from the source even where weights are copied exactly."""
     warnings = []
@@ -359,6 +370,10 @@ class _Planner:
 
     def run(self) -> tuple[list[PlannedTensor], dict[str, str]]:
         for rule in self.mapping.rules:
+            if not isinstance(rule.condition, bool):
+                raise MappingError(f"{rule.location}: condition must be true or false, got {rule.condition!r}")
+            if not rule.condition:
+                continue
             for pairs in self._expand(rule):
                 self._apply_layer(rule, pairs)
         for name in self.parts:

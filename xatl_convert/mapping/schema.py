@@ -60,6 +60,10 @@ class TensorRule(_Located):
         description="fill only this named row block of a fused target tensor (e.g. x, B, C of Mamba2's in_proj); "
         "the rest keeps its init",
     )
+    condition: bool | str = Field(
+        default=True,
+        description="an expression on the source config (`${source.parallel_attn}`); the rule applies where true",
+    )
 
     @field_validator("transform")
     @classmethod
@@ -115,10 +119,18 @@ class DropRule(_Located):
         return self
 
 
+class Unsupported(_Strict):
+    """A source config that the mapping cannot convert exactly: refused, with the reason, before anything is read."""
+
+    condition: bool | str = Field(description="an expression on the source config, e.g. `${source.alibi}`")
+    reason: str
+
+
 class SourceMatch(_Strict):
-    """Which source checkpoints the mapping applies to."""
+    """Which source checkpoints the mapping applies to, and which configs of them it refuses."""
 
     model_type: str | list[str]
+    unsupported: list[Unsupported] = Field(default_factory=list)
 
     @property
     def model_types(self) -> list[str]:

@@ -145,7 +145,11 @@ class StreamedModel:
             for module_name, sub in modules:
                 for name, parameter in list(sub.named_parameters(recurse=False)):
                     value = self._tensor(f"{module_name}.{name}" if module_name else name, parameter)
-                    sub._parameters[name] = nn.Parameter(value, requires_grad=False)
+                    loaded = nn.Parameter(value, requires_grad=False)
+                    # a new tensor object: mark it too, or the _init_weights below (for a module that also has a
+                    # non-persistent buffer, such as Gemma's scaled embedding) would re-initialise the weight
+                    loaded._is_hf_initialized = True  # type: ignore[attr-defined]
+                    sub._parameters[name] = loaded
                 for name, buffer in list(sub.named_buffers(recurse=False)):
                     if name in sub._non_persistent_buffers_set:
                         sub._buffers[name] = torch.empty_like(buffer, device=self.device)
