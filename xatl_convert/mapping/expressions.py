@@ -4,7 +4,7 @@ An expression reads keys of the source config (nested with dots) and combines nu
 parentheses. `a or b` gives the first operand that exists and is not null (null when the ones that exist are all
 null: `source.sliding_window or None`), for keys that only some source configs carry
 (`${source.head_dim or source.hidden_size // source.num_attention_heads}`), and `a if x == y else b` chooses by a
-comparison (== != < <= > >=, joined with `and`) for what differs between model types. A value that is exactly one
+comparison (== != < <= > >=, joined with `and`, negated with `not`) for what differs between model types. A value that is exactly one
 `${...}` keeps the result's type; an expression inside a longer string is interpolated as text. An expression is at
 most 1,000 characters and its numbers stay within ±2**63, so that a typo cannot hang the parser or size a tensor.
 """
@@ -126,6 +126,8 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
             return _bounded(_BINARY[type(node.op)](left, right), text)
         except ZeroDivisionError:
             raise ExpressionError(f"division by zero in {_shown(text)}") from None
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _evaluate_node(node.operand, namespace, text)
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         operand = _evaluate_node(node.operand, namespace, text)
         _require_number(operand, text)
@@ -164,7 +166,7 @@ def _evaluate_node(node: ast.AST, namespace: Mapping[str, Any], text: str) -> An
         return _lookup(_dotted_name(node, text), namespace, text)
     raise ExpressionError(
         f"{_shown(text)}: only config keys, constants (numbers, text, true/false, None), + - * / // % **, `or`, "
-        "`and`, comparisons (== != < <= > >=) and `a if c else b` are allowed, "
+        "`and`, `not`, comparisons (== != < <= > >=) and `a if c else b` are allowed, "
         f"not {type(node).__name__}"
     )
 
