@@ -137,9 +137,11 @@ class SourceCheckpoint:
         if state is None:
             state = _torch_load(self.path / info.file)
             self._torch_state = {info.file: state}  # keep one .bin shard in memory at a time
-        if name not in state:
-            raise SourceError(f"{self.path / info.file}: tensor {name!r} is gone; the file changed while xatl read it")
-        return state[name]
+        if info.name not in state:
+            raise SourceError(
+                f"{self.path / info.file}: tensor {info.name!r} is gone; the file changed while xatl read it"
+            )
+        return state[info.name]
 
     def iter_names(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -215,9 +217,31 @@ def _open(path: Path, reference: str | None, revision: str | None) -> SourceChec
         path=path,
         reference=reference or str(path),
         config=config,
-        tensors=_index_tensors(path, root),
+        tensors=with_model_prefix(_index_tensors(path, root), config),
         revision=revision,
     )
+
+
+def with_model_prefix(tensors: dict[str, TensorInfo], config: dict[str, Any]) -> dict[str, TensorInfo]:
+    """The tensors under the names transformers' causal-LM class gives them. Some Hub checkpoints were saved from
+    the base model (the `gpt2` repo: `h.0.attn...`, not `transformer.h.0.attn...`); transformers adds the class's
+    `base_model_prefix` when it loads them, and so do we, so that one mapping fits both layouts. Each TensorInfo
+    keeps its name in the file."""
+    prefix = _base_model_prefix(str(config.get("model_type", "")))
+    if not prefix or not tensors or any(name.startswith(f"{prefix}.") for name in tensors):
+        return tensors
+    return {(name if name.startswith("lm_head.") else f"{prefix}.{name}"): info for name, info in tensors.items()}
+
+
+def _base_model_prefix(model_type: str) -> str:
+    """transformers' base_model_prefix of the model_type's causal-LM class ("" when transformers does not know it)."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return ""
+    model_class = getattr(transformers, str(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")), None)
+    return str(getattr(model_class, "base_model_prefix", "") or "")
 
 
 def _index_tensors(path: Path, root: Path) -> dict[str, TensorInfo]:
