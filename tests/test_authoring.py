@@ -25,12 +25,12 @@ def test_inspect_prints_the_layer_tree_and_the_applicable_mapping(neox_checkpoin
 
 
 def test_inspect_of_an_unsupported_model_suggests_a_scaffold(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    result = runner.invoke(app, ["inspect", str(tmp_path / "gpt2")])
+    BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "b")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert "transformer.h.{i}.attn.c_attn.weight  [16, 48] float32" in result.stdout
+    assert "transformer.h.{i}.self_attention.query_key_value.weight  [48, 16] float32" in result.stdout
     assert "none for this model_type" in result.stdout and "xatl mappings new" in result.stdout
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from tests.conftest import VERIFY_CHECK_NAMES
@@ -64,11 +63,13 @@ def test_source_without_config_json_fails_with_one_line(tmp_path: Path) -> None:
 
 
 def test_unsupported_model_type_fails_with_one_line(tmp_path: Path) -> None:
-    source = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(source)
+    from transformers import BloomConfig, BloomForCausalLM
+
+    source = tmp_path / "bloom"  # ALiBi and an embedding LayerNorm: no built-in mapping
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(source)
     result = runner.invoke(app, ["convert", str(source), "--out", str(tmp_path / "out")])
     line = _error_line(result)
-    assert "model_type 'gpt2' has no built-in mapping to 'mamba'" in line and "--mapping FILE" in line
+    assert "model_type 'bloom' has no built-in mapping to 'mamba'" in line and "--mapping FILE" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -124,3 +124,79 @@ def test_pure_mamba2_conversion_of_the_family_verifies(family: str, tmp_path: Pa
     manifest = read_manifest(tmp_path / "out")
     assert manifest["mapping"]["name"].endswith("-to-mamba2")
     assert verify(tmp_path / "out", source, max_tokens=48).passed
+
+
+def _edited_mapping(tmp_path: Path, family: str, edit: Any) -> Path:
+    """The family's built-in mapping, edited by `edit(data)`, saved as a user mapping file."""
+    import yaml
+
+    from xatl_convert.mapping import builtin_mappings
+
+    data = yaml.safe_load(builtin_mappings()[f"{family}-to-mamba"].read_text())
+    edit(data)
+    path = tmp_path / f"my-{family}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_mapping_that_leaves_out_a_family_feature_is_warned_and_recorded(tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "granite")
+
+    def without_multipliers(data: dict[str, Any]) -> None:
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            del data["target"]["config"][key]
+
+    plan = convert(source, tmp_path / "out", mapping=_edited_mapping(tmp_path, "granite", without_multipliers))
+    assert plan.warnings == [
+        f"the source uses {what} and the mapping leaves it out: the converted model computes something else"
+        for what in ("an embedding multiplier (12.0)", "a residual multiplier (0.22)", "logits divided by 8.0")
+    ]
+    assert read_manifest(tmp_path / "out")["warnings"] == plan.warnings
+
+
+@pytest.mark.parametrize(
+    ("family", "edit", "message"),
+    [
+        # Phi-3's fused q/k/v cut as if there were no grouped-query attention: k and v are half that size
+        (
+            "phi3",
+            lambda d: d["rules"][7]["transform"]["split"].update(sizes=[64, 64, 64]),
+            r"phi3\.yaml:\d+: .*qkv_proj\.weight \[\[128, 64\]\]: split: sizes \[64, 64, 64\] add up to 192, but "
+            r"dimension 0 of \[128, 64\] is 128",
+        ),
+        # GPT-2's Conv1D weights taken without the transpose
+        (
+            "gpt2",
+            lambda d: d["rules"][6].update(transform="copy"),
+            r"gpt2\.yaml:\d+: model\.layers\.0\.mlp\.fc1\.weight ← transformer\.h\.0\.mlp\.c_fc\.weight "
+            r"\[\[64, 256\]\]: copy of transformer\.h\.0\.mlp\.c_fc\.weight gives shape \[64, 256\], but "
+            r"model\.layers\.0\.mlp\.fc1\.weight has shape \[256, 64\]",
+        ),
+    ],
+    ids=["phi3-split-sizes", "gpt2-no-transpose"],
+)
+def test_a_wrong_family_mapping_fails_with_a_line_naming_the_problem(
+    family: str, edit: Any, message: str, tmp_path: Path
+) -> None:
+    from xatl_convert.errors import PlanError
+
+    source = save_family(tmp_path / "source", family)
+    with pytest.raises(PlanError, match=message):
+        convert(source, tmp_path / "out", attn_layers="all", mapping=_edited_mapping(tmp_path, family, edit))
+    assert not (tmp_path / "out").exists()
+
+
+def test_permute_rotary_turns_gpt_j_rows_into_llama_halves_exactly(tmp_path: Path) -> None:
+    """The same GPT-J, converted with rotate-half RoPE and its q/k rows permuted per head, computes the same."""
+    source = save_family(tmp_path / "source", "gptj")
+    permute = {"permute_rotary": {"heads": 4, "rotary_dim": 8, "to": "halves"}}
+
+    def halves(data: dict[str, Any]) -> None:
+        data["target"]["config"]["rope_interleaved"] = False
+        for rule in data["rules"]:
+            if rule["target"].endswith(("q_proj.weight", "k_proj.weight")):
+                rule["transform"] = permute
+
+    convert(source, tmp_path / "out", attn_layers="all", mapping=_edited_mapping(tmp_path, "gptj", halves))
+    exactness = verify(tmp_path / "out", source, max_tokens=48).check("source twin = source")
+    assert exactness.status == "pass" and exactness.details["output_logits"] <= 1e-5, exactness

@@ -76,20 +76,30 @@ def test_mamba_conversion_of_llama_family_handles_heads_and_w_o(kind: str, tmp_p
     assert verify(out, source).passed
 
 
-def test_sliding_window_source_warns_that_kept_attention_is_global(tmp_path: Path) -> None:
+def test_sliding_window_carries_over_and_a_mapping_that_drops_it_warns(tmp_path: Path) -> None:
+    import yaml
     from typer.testing import CliRunner
 
     from xatl_convert.cli import app
+    from xatl_convert.mapping import builtin_mappings
 
     torch.manual_seed(0)
     MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=64)).save_pretrained(tmp_path / "m")
+    kept = convert(tmp_path / "m", tmp_path / "kept", attn_layers="1")
+    assert kept.target_config.sliding_window == 64 and kept.warnings == []  # the kept layer slides as Mistral's
+    data = yaml.safe_load(builtin_mappings()["llama-to-mamba"].read_text())
+    del data["target"]["config"]["sliding_window"]
+    (tmp_path / "no-window.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["convert", str(tmp_path / "m"), "--out", str(out), "--attn-layers", "1"])
+    args = ["convert", str(tmp_path / "m"), "--out", str(out), "--attn-layers", "1", "--mapping",
+            str(tmp_path / "no-window.yaml")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "warning: the source uses sliding-window attention (64 tokens)" in result.stderr
-    assert read_manifest(out)["warnings"] == [
-        "the source uses sliding-window attention (64 tokens) and xatl attention is global: the kept attention "
-        "layers match the source only on sequences of up to 64 tokens"
-    ]
-    pure = convert(tmp_path / "m", tmp_path / "pure")  # no attention kept: nothing to warn about
-    assert pure.warnings == []
+    expected = (
+        "the source uses sliding-window attention (64 tokens) and the mapping leaves it out: the kept attention "
+        "layers compute something else (they match only on sequences of up to 64 tokens)"
+    )
+    assert f"warning: {expected}" in result.stderr.replace("\n", " ")
+    assert read_manifest(out)["warnings"] == [expected]
+    pure = convert(tmp_path / "m", tmp_path / "pure", mapping=tmp_path / "no-window.yaml")
+    assert pure.warnings == []  # no attention kept: nothing computes the window

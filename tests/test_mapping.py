@@ -94,6 +94,20 @@ def test_or_takes_the_first_alternative_that_exists() -> None:
         evaluate("source.a or source.b", namespace)
 
 
+def test_expressions_take_null_powers_not_and_ordered_comparisons() -> None:
+    namespace = {"source": {"hidden_size": 64, "window": None, "parallel": False, "heads": 4}}
+    assert evaluate("source.window or None", namespace) is None  # present but null: null, not an error
+    assert evaluate("source.sliding_window or None", namespace) is None  # absent: the null alternative
+    assert evaluate("source.hidden_size ** 0.5", namespace) == 8.0  # Gemma's embedding scale
+    assert evaluate("not source.parallel", namespace) is True
+    assert evaluate("source.heads * 32 % source.hidden_size == 0 and source.heads >= 2", namespace) is True
+    assert evaluate("2 if source.heads < 2 else 3", namespace) == 3
+    with pytest.raises(ExpressionError, match="exponent beyond"):
+        evaluate("source.hidden_size ** 100", namespace)
+    with pytest.raises(ExpressionError, match="arithmetic on a non-number"):
+        evaluate("source.window < 3", namespace)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -65,6 +65,32 @@ def test_cast_changes_dtype() -> None:
     assert _run({"cast": {"dtype": "bfloat16"}}, torch.randn(2)).dtype == torch.bfloat16
 
 
+def test_split_takes_unequal_parts_by_name_or_index_and_reorders_them() -> None:
+    fused = torch.arange(8.0).reshape(8, 1)  # q: 4 rows, k: 2, v: 2 (grouped-query attention)
+    spec = {"sizes": [4, 2, 2], "names": ["q", "k", "v"]}
+    assert _run({"split": {**spec, "take": "k"}}, fused).flatten().tolist() == [4.0, 5.0]
+    assert _run({"split": {**spec, "take": 2}}, fused).flatten().tolist() == [6.0, 7.0]
+    gate_up = torch.arange(6.0)  # Phi-3's [gate; up] into xatl's [up; gate]
+    reordered = _run({"split": {"sizes": [3, 3], "names": ["gate", "up"], "take": ["up", "gate"]}}, gate_up)
+    assert reordered.tolist() == [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
+
+
+def test_scale_and_add_fold_constants_into_a_weight() -> None:
+    weight = torch.randn(3, 4)
+    assert torch.equal(_run({"scale": {"factor": 0.5}}, weight), weight * 0.5)
+    assert torch.equal(_run({"add": {"value": 1.0}}, weight), weight + 1.0)  # Gemma's stored w → 1 + w
+
+
+def test_permute_rotary_moves_rotary_pairs_from_interleaved_to_halves_and_back() -> None:
+    rows = torch.arange(12.0)  # 2 heads of 6 rows, the first 4 of each rotated
+    halves = _run({"permute_rotary": {"heads": 2, "rotary_dim": 4}}, rows)
+    assert halves.tolist() == [0.0, 2.0, 1.0, 3.0, 4.0, 5.0, 6.0, 8.0, 7.0, 9.0, 10.0, 11.0]
+    wide = torch.arange(8.0)  # one head, all 8 rows rotated: pairs (0,1)(2,3)... become (0,4)(1,5)...
+    assert _run({"permute_rotary": {"heads": 1}}, wide).tolist() == [0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]
+    back = _run({"permute_rotary": {"heads": 1, "to": "interleaved"}}, _run({"permute_rotary": {"heads": 1}}, wide))
+    assert torch.equal(back, wide)
+
+
 def test_chain_applies_in_order() -> None:
     fused = torch.randn(12, 4)
     spec = [{"split_heads": {"parts": 3, "take": 0, "heads": 2, "layout": "blocked"}}, "transpose"]
@@ -82,6 +108,16 @@ def test_chain_applies_in_order() -> None:
         ({"repeat": {"heads": 3, "times": 2}}, [(4, 2)], "multiple of heads=3"),
         ({"transpose": {"dims": [0, 2]}}, [(4, 2)], "dimension 2 does not exist"),
         ("copy", [(2,), (2,)], "takes one source tensor"),
+        (
+            {"split": {"sizes": [4, 4], "take": 0}},
+            [(6, 2)],
+            r"sizes \[4, 4\] add up to 8, but dimension 0 of \[6, 2\] is 6",
+        ),
+        ({"split": {"sizes": [3, 3], "take": "up"}}, [(6, 2)], "take 'up' is not a part"),
+        ({"split": {"sizes": [3, 3], "names": ["a", "b"], "take": 2}}, [(6, 2)], r"take 2 is outside 0..1"),
+        ({"permute_rotary": {"heads": 4}}, [(10, 2)], "multiple of heads=4"),
+        ({"permute_rotary": {"heads": 1, "rotary_dim": 3}}, [(8, 2)], "rotary_dim 3 must be even"),
+        ({"scale": {"factor": float("inf")}}, [(2,)], "not a finite number"),
     ],
 )
 def test_shape_mismatch_names_the_dimension(spec: object, shapes: list[tuple[int, ...]], message: str) -> None:

@@ -148,9 +148,7 @@ def test_a_mapping_that_forgets_parallel_residual_fails_a_pure_mamba_conversion(
 def test_a_mapping_changed_since_conversion_skips_the_twin_with_the_reason(tmp_path: Path, make_neox) -> None:
     source = make_neox()
     mapping = tmp_path / "mine.yaml"
-    mapping.write_text(
-        builtin_mappings()["gpt-neox-to-mamba"].read_text().replace("name: gpt-neox", "name: mine")
-    )
+    mapping.write_text(builtin_mappings()["gpt-neox-to-mamba"].read_text().replace("name: gpt-neox", "name: mine"))
     out = tmp_path / "out"
     convert(source, out, mapping=mapping)
     mapping.write_text(mapping.read_text() + "\n# edited\n")

@@ -276,16 +276,69 @@ def _refuse_unsupported(source: SourceCheckpoint, mapping: Mapping) -> None:
             raise UnsupportedModelError(f"{source.reference}: {entry.reason} (mapping {mapping.name}, {where})")
 
 
+@dataclass(frozen=True)
+class _Feature:
+    """A source config feature that changes what the model computes, and the xatl key that carries it."""
+
+    source_key: str
+    target_key: str | None  # None: the xatl model has no such feature
+    what: str
+    attention_only: bool = False  # only kept attention layers compute it
+
+    def active(self, config: dict[str, Any]) -> bool:
+        value = config.get(self.source_key)
+        if self.source_key in _MULTIPLIERS:
+            return isinstance(value, int | float) and not isinstance(value, bool) and value != 1
+        if self.source_key == "no_rope_layers":
+            return isinstance(value, list) and 0 in value
+        return bool(value)
+
+
+_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+# Checked on every conversion: a mapping (built-in or the user's) that leaves one of these out converts a model that
+# computes something else, even where every weight is copied exactly.
+_FEATURES = (
+    _Feature("sliding_window", "sliding_window", "sliding-window attention ({value} tokens)", attention_only=True),
+    _Feature("attn_logit_softcapping", "attn_logit_softcapping", "attention-logit soft-capping ({value})", True),
+    _Feature("query_pre_attn_scalar", "attention_multiplier", "a softmax scale of query_pre_attn_scalar ** -0.5", True),
+    _Feature("attention_multiplier", "attention_multiplier", "a softmax scale of {value}", attention_only=True),
+    _Feature("qk_layernorm", "qk_norm", "q/k norms", attention_only=True),
+    _Feature("no_rope_layers", "no_rope_layers", "layers without RoPE", attention_only=True),
+    _Feature("final_logit_softcapping", "final_logit_softcapping", "final-logit soft-capping ({value})"),
+    _Feature("embedding_multiplier", "embedding_multiplier", "an embedding multiplier ({value})"),
+    _Feature("residual_multiplier", "residual_multiplier", "a residual multiplier ({value})"),
+    _Feature("logits_scaling", "logits_scaling", "logits divided by {value}"),
+)
+
+
 def _semantic_warnings(source_config: dict[str, Any], target: XatlConfig, kept: list[int]) -> list[str]:
-    """What the target computes differently from the source even where weights are copied exactly."""
+    """What the target computes differently from the source even where weights are copied exactly: each source
+    feature that changes the function and that the mapping left out of the target config, in one line."""
     warnings = []
-    window = source_config.get("sliding_window")
-    if kept and window and source_config.get("use_sliding_window", True) and window < target.max_position_embeddings:
-        warnings.append(
-            f"the source uses sliding-window attention ({window} tokens) and xatl attention is global: the kept "
-            f"attention layers match the source only on sequences of up to {window} tokens"
-        )
+    if source_config.get("use_sliding_window") is False:  # Qwen2/3 keep a window size they do not use
+        source_config = {**source_config, "sliding_window": None}
+    if source_config.get("model_type") == "gemma3_text":  # stored, never applied by transformers
+        source_config = {**source_config, "attn_logit_softcapping": None}
+    for feature in _FEATURES:
+        if not feature.active(source_config) or (feature.attention_only and not kept):
+            continue
+        carried = feature.target_key is not None and _carries(target, feature.target_key)
+        if carried:
+            continue
+        what = feature.what.format(value=source_config.get(feature.source_key))
+        where = "the kept attention layers compute" if feature.attention_only else "the converted model computes"
+        window = source_config.get("sliding_window") if feature.source_key == "sliding_window" else None
+        tail = f" (they match only on sequences of up to {window} tokens)" if window else ""
+        warnings.append(f"the source uses {what} and the mapping leaves it out: {where} something else{tail}")
     return warnings
+
+
+def _carries(target: XatlConfig, key: str) -> bool:
+    """Whether the target config sets `key` away from its default (the feature is on)."""
+    value = getattr(target, key, None)
+    if key in _MULTIPLIERS:
+        return value != 1.0
+    return value is not None and value is not False
 
 
 def normalised_source_config(source: SourceCheckpoint) -> dict[str, Any]:

@@ -4,9 +4,10 @@ An expression reads keys of the source config (nested with dots) and combines nu
 parentheses. `a or b` gives the first operand that exists and is not null (null when the ones that exist are all
 null: `source.sliding_window or None`), for keys that only some source configs carry
 (`${source.head_dim or source.hidden_size // source.num_attention_heads}`), and `a if x == y else b` chooses by a
-comparison (== != < <= > >=, joined with `and`, negated with `not`) for what differs between model types. A value that is exactly one
-`${...}` keeps the result's type; an expression inside a longer string is interpolated as text. An expression is at
-most 1,000 characters and its numbers stay within ±2**63, so that a typo cannot hang the parser or size a tensor.
+comparison (== != < <= > >=, joined with `and`, negated with `not`) for what differs between model types. A value
+that is exactly one `${...}` keeps the result's type; an expression inside a longer string is interpolated as text.
+An expression is at most 1,000 characters and its numbers stay within ±2**63, so that a typo cannot hang the parser
+or size a tensor.
 """
 
 from __future__ import annotations

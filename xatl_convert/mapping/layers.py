@@ -20,6 +20,7 @@ def layer_selected(where: str | None, layer_type: str) -> bool:
     """Whether a rule's `where` (None: every layer) selects a layer of this type."""
     return where is None or where == layer_type or (where == LCI and layer_type in LCI_MIXERS)
 
+
 PRESETS = {
     "none": "no attention layers (pure LCI model)",
     "all": "every layer kept as attention (reproduces the source exactly)",

@@ -264,7 +264,9 @@ class TargetConfig(_Strict):
     tie_word_embeddings: Any = _key("bool", False, "the LM head shares the embedding matrix")
     lm_head_bias: Any = _key("bool", False, "the LM head has a bias (GPT-J)")
     embedding_multiplier: Any = _key("number", 1.0, "embeddings are multiplied by it (Gemma: sqrt(hidden); Granite)")
-    residual_multiplier: Any = _key("number", 1.0, "each sublayer's output is multiplied by it before the add (Granite)")
+    residual_multiplier: Any = _key(
+        "number", 1.0, "each sublayer's output is multiplied by it before the add (Granite)"
+    )
     logits_scaling: Any = _key("number", 1.0, "logits are divided by it (Granite)")
     final_logit_softcapping: Any = _key("number?", None, "cap · tanh(logit / cap) on the logits (Gemma 2)")
     initializer_range: Any = _key("number>=0", 0.02, "std of the default init of linear and embedding weights")
@@ -300,7 +302,6 @@ class TargetSpec(_Strict):
     config: Annotated[dict[str, Any], BeforeValidator(_declared_keys_only, json_schema_input_type=TargetConfig)] = (
         Field(default_factory=dict)
     )
-
 
     @field_validator("mixer")
     @classmethod

@@ -193,7 +193,9 @@ def _list_of(kinds: tuple[str, ...] | None) -> Check:
         if kinds is None:
             if isinstance(value, list) and all(_is_int(item) and item in (0, 1) for item in value):
                 return
-            raise XatlConfigError(f"{key} must be a list of 0/1 flags (one per layer) or null, got {_shown(value)}", key)
+            raise XatlConfigError(
+                f"{key} must be a list of 0/1 flags (one per layer) or null, got {_shown(value)}", key
+            )
         if not (isinstance(value, list) and all(item in kinds for item in value)):
             raise XatlConfigError(f"{key} must be a list of {list(kinds)} (one per layer) or null, got {_shown(value)}",
                                   key)  # fmt: skip
@@ -423,7 +425,9 @@ class XatlConfig(PreTrainedConfig):
         self.rope_interleaved = rope_interleaved
         self.no_rope_layers = list(no_rope_layers) if no_rope_layers is not None else None
         self.sliding_rope_parameters = (
-            None if sliding_rope_parameters is None else self._build_rope_parameters(sliding_rope_parameters, None, None)
+            None
+            if sliding_rope_parameters is None
+            else self._build_rope_parameters(sliding_rope_parameters, None, None)
         )
         self.lm_head_bias = lm_head_bias
         self.embedding_multiplier = embedding_multiplier

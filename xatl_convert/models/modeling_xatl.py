@@ -643,7 +643,9 @@ class XatlAttention(nn.Module):
         out = self._attend(q, k, v, attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, length, self.num_heads * self.head_dim))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         length, total = q.shape[2], k.shape[2]
         if self.window is not None:  # a query sees the `window` newest keys, itself included (transformers' rule)
             if attn_mask is None:
@@ -666,7 +668,7 @@ class XatlAttention(nn.Module):
 
 
 def attention_type(config: XatlConfig, layer_idx: int) -> str:
-    """"sliding_attention" where layer `layer_idx` attends within a window, else "full_attention"."""
+    """ "sliding_attention" where layer `layer_idx` attends within a window, else "full_attention"."""
     if getattr(config, "sliding_window", None) is None:
         return "full_attention"
     types = getattr(config, "attention_types", None)
@@ -1220,6 +1222,7 @@ __all__ = [
     "XatlModel",
     "XatlPreTrainedModel",
     "XatlRMSNorm",
+    "attention_type",
     "causal_attention_mask",
     "compute_default_rope_parameters",
     "compute_dtype",
@@ -1228,7 +1231,6 @@ __all__ = [
     "new_cache",
     "reference_path",
     "rope_inv_freq",
-    "attention_type",
     "rotary_cos_sin",
     "rotary_tables",
     "selective_scan_reference",
