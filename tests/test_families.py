@@ -1,7 +1,8 @@
 """The families people use now, each converted with its built-in mapping from a tiny random model whose config is
 shaped like a released checkpoint (head_dim, GQA ratio, rope type, tying) and whose every norm and bias is random,
 so that each convention (1 + w norms, post-norms, multipliers, soft-caps, windows, rotary layouts) shows in the
-logits. The all-attention conversion must reproduce transformers' logits; the pure-Mamba2 one must verify."""
+logits. The all-attention conversion must reproduce transformers' logits; the pure Mamba and Mamba2 ones must
+verify."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
         "tie_word_embeddings": True, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),
+    # SmolLM3-3B: every 4th layer without RoPE (NoPE), GQA, tied
+    "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     # gemma-2b: multi-query, head_dim 256 ≠ hidden / heads, (1 + w) norms, sqrt(hidden) embeddings, GELU-tanh
     "gemma": ("GemmaForCausalLM", "GemmaConfig", {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -116,13 +121,14 @@ def test_all_attention_conversion_reproduces_the_family_logits(family: str, tmp_
     assert report.passed, report
 
 
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_pure_mamba2_conversion_of_the_family_verifies(family: str, tmp_path: Path) -> None:
+def test_pure_lci_conversion_of_the_family_verifies(family: str, mixer: str, tmp_path: Path) -> None:
     source = save_family(tmp_path / "source", family)
-    plan = convert(source, tmp_path / "out", to="mamba2")
-    assert plan.target_config.layer_types == ["mamba2"] * plan.target_config.num_hidden_layers
+    plan = convert(source, tmp_path / "out", to=mixer)
+    assert plan.target_config.layer_types == [mixer] * plan.target_config.num_hidden_layers
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["mapping"]["name"].endswith("-to-mamba2")
+    assert manifest["mapping"]["name"].endswith(f"-to-{mixer}")
     assert verify(tmp_path / "out", source, max_tokens=48).passed
 
 
