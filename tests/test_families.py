@@ -96,9 +96,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
-def save_family(folder: Path, family: str) -> Path:
-    """A random tiny model of the family, with random norms and biases, saved as transformers saves it."""
-    model_name, config_name, values = FAMILIES[family]
+def save_family(folder: Path, family: str, spec: tuple[str, str, dict[str, Any]] | None = None) -> Path:
+    """A random tiny model of the family (or of `spec`: model class, config class, config), with random norms and
+    biases, saved as transformers saves it."""
+    model_name, config_name, values = spec or FAMILIES[family]
     config = getattr(transformers, config_name)(**{**SMALL, **values})
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config)

@@ -516,6 +516,21 @@ def eval_command(
         result.write_json(json_path)
 
 
+@app.command("export", cls=PlainUsageCommand)
+def export_command(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A folder written by xatl convert (or trained).")],
+    format: Annotated[str, typer.Option(metavar="FORMAT", help="granitemoehybrid (transformers, vLLM).")],
+    out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder.")],
+    force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write FOLDER in a format that engines load natively, or say every reason it would compute something else."""
+    _quiet_transformers()
+    from xatl_convert.export import export_folder
+
+    names = export_folder(folder, out, format, force)
+    _print_wrote(out, f"{format}, {len(names)} tensors; loads with AutoModelForCausalLM, no remote code")
+
+
 @app.command("inspect", cls=PlainUsageCommand)
 def inspect_command(
     source: Annotated[str, typer.Argument(metavar="SRC", help="Local folder, Hub id (org/name[@revision]) or alias.")],

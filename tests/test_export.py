@@ -1,0 +1,67 @@
+"""`xatl export`: a converted folder in transformers' own GraniteMoeHybrid, which loads without remote code and
+computes what the xatl model computes (pure Mamba2 and hybrids), or a one-line refusal naming every reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.bad_input import error_line, invoke
+from tests.test_families import FAMILIES, save_family
+from xatl_convert.conversion import convert
+
+# Granite-shaped (multipliers, GQA, tied) without biases and with the Mamba2 norm's eps: GraniteMoeHybrid's home
+HYBRID_READY = ("GraniteForCausalLM", "GraniteConfig", {
+    **FAMILIES["granite"][2], "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5})  # fmt: skip
+
+
+def _logits(folder: Path, ids: torch.Tensor, remote: bool) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("attn_layers", ["none", "every-2", "1"], ids=["pure-mamba2", "every-2", "layer-1"])
+def test_granitemoehybrid_export_loads_natively_and_computes_the_same(attn_layers: str, tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "granite", HYBRID_READY)
+    convert(source, tmp_path / "xatl", to="mamba2", attn_layers=attn_layers)
+    result = invoke("export", tmp_path / "xatl", "--format", "granitemoehybrid", "--out", tmp_path / "granite")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "granite" / "config.json").read_text())
+    assert config["model_type"] == "granitemoehybrid" and "auto_map" not in config
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours, theirs = _logits(tmp_path / "xatl", ids, True), _logits(tmp_path / "granite", ids, False)
+    assert ((theirs - ours).norm() / ours.norm()).item() <= 1e-5
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "granite", dtype=torch.float32).eval()
+    xatl = AutoModelForCausalLM.from_pretrained(tmp_path / "xatl", dtype=torch.float32, trust_remote_code=True).eval()
+    prompt = ids[:1, :8]
+    if attn_layers != "none":
+        generated = [m.generate(prompt, max_new_tokens=6, do_sample=False) for m in (native, xatl)]
+    else:  # transformers 5's GraniteMoeHybrid cannot generate when no layer is attention (its cache asks an
+        generated = [_greedy(m, prompt, 6) for m in (native, xatl)]  # attention layer for the length): by hand
+    assert torch.equal(generated[0], generated[1])
+    manifest = json.loads((tmp_path / "granite" / "xatl_manifest.json").read_text())
+    assert manifest["export"]["format"] == "granitemoehybrid" and manifest["tensors"]  # freezing still reads it
+
+
+def test_an_export_that_would_compute_something_else_is_refused_with_every_reason(tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "gpt2")
+    convert(source, tmp_path / "xatl", to="mamba")
+    line = error_line(invoke("export", tmp_path / "xatl", "--format", "granitemoehybrid", "--out", tmp_path / "g"))
+    assert "cannot be exported as granitemoehybrid without changing what it computes" in line
+    for reason in ("Mamba (v1) layers", "norm_type is 'layernorm'", "position_embedding_type is 'learned'"):
+        assert reason in line
+    assert not (tmp_path / "g").exists()
+    line = error_line(invoke("export", tmp_path / "xatl", "--format", "bamba2", "--out", tmp_path / "g"))
+    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid)"

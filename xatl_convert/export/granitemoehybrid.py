@@ -1,0 +1,132 @@
+"""transformers' GraniteMoeHybrid (`model_type: granitemoehybrid`): Mamba2 and attention layers in any order, a
+dense gated MLP (`shared_mlp`, no experts), RMSNorm, Granite's multipliers. The home of Llama-family conversions,
+pure Mamba2 or hybrid, with any choice of kept layers; vLLM serves it natively.
+
+Facts read from transformers' modeling_granitemoehybrid.py (5.x): `layer_types` entries are "linear_attention"
+(Mamba2) and "full_attention"; `shared_mlp.input_linear` is [gate; up] (xatl's fc1 is [up; gate]); the softmax
+scale is `attention_multiplier` itself; one `attention_bias` covers q, k, v and o, one `mamba_proj_bias` covers
+in_proj and out_proj; the Mamba2 gated norm uses `rms_norm_eps`, and its conv the model's `hidden_act`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+NAME = "granitemoehybrid"
+MAMBA2_NORM_EPS = 1e-5  # xatl's Mamba2 gated RMSNorm (mamba-ssm's)
+
+
+def refusals(config: dict[str, Any]) -> list[str]:
+    """Every reason the xatl config cannot become a GraniteMoeHybrid that computes the same, or []."""
+    reasons = []
+    kinds = set(config["layer_types"])
+    if "mamba" in kinds:
+        reasons.append(
+            "it has Mamba (v1) layers; GraniteMoeHybrid holds Mamba2 and attention only (convert --to mamba2)"
+        )
+    expected = {
+        "norm_type": "rmsnorm", "norm_weight_offset": 0.0, "norm_layout": "pre", "parallel_residual": False,
+        "mlp_gated": True, "mlp_bias": False, "lm_head_bias": False, "position_embedding_type": "rope",
+        "rope_interleaved": False, "qk_norm": None, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "sliding_window": None, "no_rope_layers": None, "sliding_rope_parameters": None,
+    }  # fmt: skip
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            reasons.append(f"{key} is {config.get(key)!r}; GraniteMoeHybrid needs {value!r}")
+    if config.get("hidden_act") != "silu":
+        reasons.append(f"hidden_act {config.get('hidden_act')!r}: GraniteMoeHybrid uses it for the Mamba2 conv too, "
+                       "where xatl uses silu")  # fmt: skip
+    if "attention" in kinds and config.get("attention_bias") != config.get("attention_out_bias"):
+        reasons.append("q/k/v and output biases differ; GraniteMoeHybrid has one attention_bias for all four")
+    if config.get("rope_parameters", {}).get("partial_rotary_factor", 1.0) != 1.0:
+        reasons.append("partial rotary; GraniteMoeHybrid rotates the whole head")
+    if "mamba2" in kinds:
+        m = config["mamba2"]
+        if m["proj_bias"] != m["out_proj_bias"]:
+            reasons.append("Mamba2 in_proj and out_proj biases differ; GraniteMoeHybrid has one mamba_proj_bias")
+        if m["norm_before_gate"]:
+            reasons.append("Mamba2 norm_before_gate; GraniteMoeHybrid gates before its norm")
+        if config["norm_eps"] != MAMBA2_NORM_EPS:
+            reasons.append(f"norm_eps {config['norm_eps']:g}: GraniteMoeHybrid's Mamba2 norm uses it, xatl's uses "
+                           f"{MAMBA2_NORM_EPS:g}")  # fmt: skip
+    return reasons
+
+
+def target_config(config: dict[str, Any]) -> dict[str, Any]:
+    """GraniteMoeHybrid's config.json for an xatl config that `refusals` accepts."""
+    m = config["mamba2"]
+    head_dim = config["head_dim"]
+    d_inner = m["expand"] * config["hidden_size"]
+    return {
+        "architectures": ["GraniteMoeHybridForCausalLM"],
+        "model_type": NAME,
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "shared_intermediate_size": config["intermediate_size"],
+        "num_local_experts": 0,
+        "num_experts_per_tok": 0,
+        "num_hidden_layers": config["num_hidden_layers"],
+        "layer_types": [
+            "full_attention" if kind == "attention" else "linear_attention" for kind in config["layer_types"]
+        ],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "head_dim": head_dim,
+        "hidden_act": config["hidden_act"],
+        "rms_norm_eps": config["norm_eps"],
+        "max_position_embeddings": config["max_position_embeddings"],
+        "position_embedding_type": "rope",
+        "rope_parameters": config["rope_parameters"],
+        "attention_bias": config["attention_bias"],
+        "attention_multiplier": config.get("attention_multiplier") or head_dim**-0.5,
+        "embedding_multiplier": config.get("embedding_multiplier", 1.0),
+        "residual_multiplier": config.get("residual_multiplier", 1.0),
+        "logits_scaling": config.get("logits_scaling", 1.0),
+        "mamba_n_heads": d_inner // m["headdim"],
+        "mamba_d_head": m["headdim"],
+        "mamba_n_groups": m["ngroups"],
+        "mamba_d_state": m["d_state"],
+        "mamba_d_conv": m["d_conv"],
+        "mamba_expand": m["expand"],
+        "mamba_chunk_size": m["chunk_size"],
+        "mamba_conv_bias": m["conv_bias"],
+        "mamba_proj_bias": m["proj_bias"],
+        "tie_word_embeddings": config["tie_word_embeddings"],
+        # transformers 5's cache asks an attention layer for the sequence length: with none, a forward that builds
+        # a cache fails, so a pure Mamba2 export builds none by default (its generate() cannot run: use Bamba)
+        "use_cache": "attention" in config["layer_types"],
+        "pad_token_id": config.get("pad_token_id"),
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+    }
+
+
+_RENAMES = (
+    (r"model\.layers\.(\d+)\.input_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"model\.layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"model\.layers\.(\d+)\.mlp\.fc1\.", r"model.layers.\1.shared_mlp.input_linear."),
+    (r"model\.layers\.(\d+)\.mlp\.fc2\.", r"model.layers.\1.shared_mlp.output_linear."),
+    (r"model\.final_norm\.", "model.norm."),
+)
+
+
+def tensor(name: str, value: torch.Tensor, config: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """The GraniteMoeHybrid name (and layout) of one xatl tensor."""
+    for pattern, replacement in _RENAMES:
+        if re.match(pattern, name):
+            renamed = re.sub(pattern, replacement, name)
+            if ".shared_mlp.input_linear." in renamed:  # xatl [up; gate] → Granite [gate; up]
+                up, gate = value.chunk(2, dim=0)
+                value = torch.cat([gate, up], dim=0)
+            return renamed, value
+    layer = re.match(r"model\.layers\.(\d+)\.mixer\.(.+)", name)
+    if layer:
+        index, rest = int(layer.group(1)), layer.group(2)
+        if config["layer_types"][index] == "attention":
+            return f"model.layers.{index}.self_attn.{rest.replace('out_proj', 'o_proj')}", value
+        return f"model.layers.{index}.mamba.{rest}", value
+    return name, value  # model.embed_tokens.weight, lm_head.weight

@@ -1,0 +1,60 @@
+"""The one export writer: check the format fits, then write its config, renamed tensors, tokenizer, manifest and
+card into a staged folder that appears at OUT only when complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from xatl_convert.errors import XatlError
+from xatl_convert.export import granitemoehybrid
+
+FORMATS: dict[str, ModuleType] = {granitemoehybrid.NAME: granitemoehybrid}
+_CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+            "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
+
+
+class ExportError(XatlError):
+    """The folder cannot be exported to the format without computing something else; says every reason."""
+
+
+def export_folder(folder: str | Path, out: str | Path, format: str, force: bool = False) -> list[str]:
+    """Write FOLDER (an xatl output) to OUT in `format`; returns the names of the tensors written."""
+    from safetensors import safe_open
+
+    from xatl_convert.manifest import MANIFEST_NAME, read_manifest
+    from xatl_convert.output_folder import staged_output
+    from xatl_convert.verify.checks import read_output_config
+    from xatl_convert.writer import save_shard
+
+    folder = Path(folder)
+    if format not in FORMATS:
+        raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
+    module = FORMATS[format]
+    config = read_output_config(folder).to_dict()
+    reasons = module.refusals(config)
+    if reasons:
+        raise ExportError(f"{folder}: cannot be exported as {format} without changing what it computes: "
+                          + "; ".join(reasons))  # fmt: skip
+    manifest = read_manifest(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder}: no .safetensors weights to export")
+    tensors: dict[str, Any] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                renamed, value = module.tensor(name, handle.get_tensor(name), config)
+                tensors[renamed] = value.contiguous()
+    with staged_output(out, force, needed_bytes=sum(file.stat().st_size for file in files)) as staging:
+        save_shard(tensors, staging / "model.safetensors")
+        (staging / "config.json").write_text(json.dumps(module.target_config(config), indent=2) + "\n")
+        for name in _CARRIED:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, staging / name)
+        manifest["export"] = {"format": format, "from": str(folder)}
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return sorted(tensors)
