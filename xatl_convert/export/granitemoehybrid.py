@@ -10,6 +10,7 @@ in_proj and out_proj; the Mamba2 gated norm uses `rms_norm_eps`, and its conv th
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -49,8 +50,8 @@ def refusals(config: dict[str, Any]) -> list[str]:
             reasons.append("Mamba2 in_proj and out_proj biases differ; GraniteMoeHybrid has one mamba_proj_bias")
         if m["norm_before_gate"]:
             reasons.append("Mamba2 norm_before_gate; GraniteMoeHybrid gates before its norm")
-        if config["norm_eps"] != MAMBA2_NORM_EPS:
-            reasons.append(f"norm_eps {config['norm_eps']:g}: GraniteMoeHybrid's Mamba2 norm uses it, xatl's uses "
+        if not math.isclose(config["norm_eps"], MAMBA2_NORM_EPS, rel_tol=1e-6):  # a float32-rounded 1e-5 is fine
+            reasons.append(f"norm_eps {config['norm_eps']:.3g}: GraniteMoeHybrid's Mamba2 norm uses it, xatl's uses "
                            f"{MAMBA2_NORM_EPS:g}")  # fmt: skip
     return reasons
 
