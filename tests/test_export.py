@@ -65,3 +65,19 @@ def test_an_export_that_would_compute_something_else_is_refused_with_every_reaso
     assert not (tmp_path / "g").exists()
     line = error_line(invoke("export", tmp_path / "xatl", "--format", "bamba2", "--out", tmp_path / "g"))
     assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid)"
+
+
+def test_convert_format_writes_the_export_directly_and_refuses_before_writing(tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "granite", HYBRID_READY)
+    out = tmp_path / "granite"
+    result = invoke("convert", source, "--to", "mamba2", "--attn-layers", "1", "--format", "granitemoehybrid",
+                    "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["layer_types"][:2] == ["linear_attention", "full_attention"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["granite", "source"]  # no temporary folder left
+    convert(source, tmp_path / "xatl", to="mamba2", attn_layers="1")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    assert ((_logits(out, ids, False) - _logits(tmp_path / "xatl", ids, True)).norm()).item() <= 1e-4
+    line = error_line(invoke("convert", source, "--format", "granitemoehybrid", "--out", tmp_path / "m1"))
+    assert "cannot be exported as granitemoehybrid" in line and "Mamba (v1) layers" in line  # --to mamba
+    assert not (tmp_path / "m1").exists()

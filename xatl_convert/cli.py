@@ -249,6 +249,13 @@ def convert_command(
         bool, typer.Option("--force", help="Replace OUT if it exists (only once the new one is complete).")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the transfer plan and write nothing.")] = False,
+    format: Annotated[
+        str,
+        typer.Option(
+            metavar="FORMAT",
+            help="xatl (default), or granitemoehybrid: a format transformers loads with no remote code.",
+        ),
+    ] = "xatl",
     show_all: Annotated[
         bool, typer.Option("--all", help="With --dry-run: one row per tensor instead of one per {i} pattern.")
     ] = False,
@@ -274,6 +281,10 @@ def convert_command(
         _console().print(plan_table(plan, per_tensor=show_all))
         _console().print(dropped_table(plan, per_tensor=show_all))
         _print_warnings(plan.warnings)
+        return
+    if format != "xatl":
+        _convert_and_export(context, source, out, format, to, revision, cache_dir, mapping, attn_layers, overrides,
+                            torch_dtype, seed, force)  # fmt: skip
         return
     plan = convert(
         source,
@@ -514,6 +525,44 @@ def eval_command(
         console.print(gap, soft_wrap=True, highlight=False)
     if json_path is not None:
         result.write_json(json_path)
+
+
+def _convert_and_export(
+    context: typer.Context,
+    source: str,
+    out: Path,
+    format: str,
+    to: str,
+    revision: str | None,
+    cache_dir: Path | None,
+    mapping: str | None,
+    attn_layers: str | None,
+    overrides: dict[str, Any],
+    dtype: Any,
+    seed: int,
+    force: bool,
+) -> None:
+    """`convert --format F`: check that the planned model fits F before writing a byte, convert into a temporary
+    xatl folder beside OUT, export that to OUT (the one export writer), remove the temporary folder."""
+    import tempfile
+
+    from xatl_convert.conversion import convert, plan_conversion
+    from xatl_convert.export import check_format, export_folder
+    from xatl_convert.output_folder import ensure_writable, output_location
+
+    ensure_writable(out, force)
+    plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)
+    plan.source.close()
+    check_format(format, plan.target_config.to_dict(), source)
+    parent = output_location(out).parent
+    with tempfile.TemporaryDirectory(dir=parent if parent.is_dir() else None, prefix=".xatl-convert-") as work:
+        converted = Path(work) / "xatl"
+        plan = convert(source, converted, to=to, revision=revision, cache_dir=cache_dir, mapping=mapping,
+                       attn_layers=attn_layers, overrides=overrides, dtype=dtype, seed=seed,
+                       command_line=_command_line(context), show_progress=sys.stdout.isatty())  # fmt: skip
+        _print_warnings(plan.warnings)
+        names = export_folder(converted, out, format, force)
+    _print_wrote(out, f"{format}, {len(names)} tensors; layers: {', '.join(plan.layer_types)}")
 
 
 @app.command("export", cls=PlainUsageCommand)

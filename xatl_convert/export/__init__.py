@@ -8,6 +8,6 @@ freeze by manifest.
 
 from __future__ import annotations
 
-from xatl_convert.export.writer import FORMATS, ExportError, export_folder
+from xatl_convert.export.writer import FORMATS, ExportError, check_format, export_folder
 
-__all__ = ["FORMATS", "ExportError", "export_folder"]
+__all__ = ["FORMATS", "ExportError", "check_format", "export_folder"]

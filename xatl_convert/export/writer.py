@@ -21,6 +21,18 @@ class ExportError(XatlError):
     """The folder cannot be exported to the format without computing something else; says every reason."""
 
 
+def check_format(format: str, config: dict[str, Any], where: str | Path) -> ModuleType:
+    """The format's module, if the xatl config (as a dict) fits it exactly; else one ExportError with every reason."""
+    if format not in FORMATS:
+        raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
+    module = FORMATS[format]
+    reasons = module.refusals(config)
+    if reasons:
+        raise ExportError(f"{where}: cannot be exported as {format} without changing what it computes: "
+                          + "; ".join(reasons))  # fmt: skip
+    return module
+
+
 def export_folder(folder: str | Path, out: str | Path, format: str, force: bool = False) -> list[str]:
     """Write FOLDER (an xatl output) to OUT in `format`; returns the names of the tensors written."""
     from safetensors import safe_open
@@ -31,14 +43,10 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     from xatl_convert.writer import save_shard
 
     folder = Path(folder)
-    if format not in FORMATS:
+    if format not in FORMATS:  # before reading anything
         raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
-    module = FORMATS[format]
     config = read_output_config(folder).to_dict()
-    reasons = module.refusals(config)
-    if reasons:
-        raise ExportError(f"{folder}: cannot be exported as {format} without changing what it computes: "
-                          + "; ".join(reasons))  # fmt: skip
+    module = check_format(format, config, folder)
     manifest = read_manifest(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
