@@ -14,6 +14,10 @@ from tests.bad_input import error_line, invoke
 from tests.test_families import FAMILIES, save_family
 from xatl_convert.conversion import convert
 
+# Llama-shaped (SmolLM2's eps, GQA, tied), without the family test's random biases: a Bamba home when pure Mamba2
+LLAMA = ("LlamaForCausalLM", "LlamaConfig", {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": True})  # fmt: skip
 # Granite-shaped (multipliers, GQA, tied) without biases and with the Mamba2 norm's eps: GraniteMoeHybrid's home
 HYBRID_READY = ("GraniteForCausalLM", "GraniteConfig", {
     **FAMILIES["granite"][2], "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5})  # fmt: skip
@@ -64,7 +68,7 @@ def test_an_export_that_would_compute_something_else_is_refused_with_every_reaso
         assert reason in line
     assert not (tmp_path / "g").exists()
     line = error_line(invoke("export", tmp_path / "xatl", "--format", "bamba2", "--out", tmp_path / "g"))
-    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid)"
+    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid, bamba)"
 
 
 def test_convert_format_writes_the_export_directly_and_refuses_before_writing(tmp_path: Path) -> None:
@@ -81,3 +85,17 @@ def test_convert_format_writes_the_export_directly_and_refuses_before_writing(tm
     line = error_line(invoke("convert", source, "--format", "granitemoehybrid", "--out", tmp_path / "m1"))
     assert "cannot be exported as granitemoehybrid" in line and "Mamba (v1) layers" in line  # --to mamba
     assert not (tmp_path / "m1").exists()
+
+
+def test_bamba_export_holds_a_pure_mamba2_conversion_and_refuses_full_rotary_attention(tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "llama", LLAMA)
+    convert(source, tmp_path / "xatl", to="mamba2", overrides={"options.attention_init": True})
+    assert invoke("export", tmp_path / "xatl", "--format", "bamba", "--out", tmp_path / "bamba").exit_code == 0
+    config = json.loads((tmp_path / "bamba" / "config.json").read_text())
+    assert config["model_type"] == "bamba" and config["attn_layer_indices"] == []
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours, theirs = _logits(tmp_path / "xatl", ids, True), _logits(tmp_path / "bamba", ids, False)
+    assert ((theirs - ours).norm() / ours.norm()).item() <= 1e-5
+    convert(source, tmp_path / "hybrid", to="mamba2", attn_layers="1")
+    line = error_line(invoke("export", tmp_path / "hybrid", "--format", "bamba", "--out", tmp_path / "b2"))
+    assert "Bamba's rotate half" in line and "export a hybrid as granitemoehybrid" in line

@@ -10,57 +10,27 @@ in_proj and out_proj; the Mamba2 gated norm uses `rms_norm_eps`, and its conv th
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 import torch
 
+from xatl_convert.export.hybrids import hybrid_refusals, mamba2_config, mixer_name
+
 NAME = "granitemoehybrid"
-MAMBA2_NORM_EPS = 1e-5  # xatl's Mamba2 gated RMSNorm (mamba-ssm's)
 
 
 def refusals(config: dict[str, Any]) -> list[str]:
     """Every reason the xatl config cannot become a GraniteMoeHybrid that computes the same, or []."""
-    reasons = []
-    kinds = set(config["layer_types"])
-    if "mamba" in kinds:
-        reasons.append(
-            "it has Mamba (v1) layers; GraniteMoeHybrid holds Mamba2 and attention only (convert --to mamba2)"
-        )
-    expected = {
-        "norm_type": "rmsnorm", "norm_weight_offset": 0.0, "norm_layout": "pre", "parallel_residual": False,
-        "mlp_gated": True, "mlp_bias": False, "lm_head_bias": False, "position_embedding_type": "rope",
-        "rope_interleaved": False, "qk_norm": None, "attn_logit_softcapping": None, "final_logit_softcapping": None,
-        "sliding_window": None, "no_rope_layers": None, "sliding_rope_parameters": None,
-    }  # fmt: skip
-    for key, value in expected.items():
-        if config.get(key, value) != value:
-            reasons.append(f"{key} is {config.get(key)!r}; GraniteMoeHybrid needs {value!r}")
-    if config.get("hidden_act") != "silu":
-        reasons.append(f"hidden_act {config.get('hidden_act')!r}: GraniteMoeHybrid uses it for the Mamba2 conv too, "
-                       "where xatl uses silu")  # fmt: skip
-    if "attention" in kinds and config.get("attention_bias") != config.get("attention_out_bias"):
-        reasons.append("q/k/v and output biases differ; GraniteMoeHybrid has one attention_bias for all four")
+    reasons = hybrid_refusals(config, "GraniteMoeHybrid", {"mlp_bias": False})
     if config.get("rope_parameters", {}).get("partial_rotary_factor", 1.0) != 1.0:
         reasons.append("partial rotary; GraniteMoeHybrid rotates the whole head")
-    if "mamba2" in kinds:
-        m = config["mamba2"]
-        if m["proj_bias"] != m["out_proj_bias"]:
-            reasons.append("Mamba2 in_proj and out_proj biases differ; GraniteMoeHybrid has one mamba_proj_bias")
-        if m["norm_before_gate"]:
-            reasons.append("Mamba2 norm_before_gate; GraniteMoeHybrid gates before its norm")
-        if not math.isclose(config["norm_eps"], MAMBA2_NORM_EPS, rel_tol=1e-6):  # a float32-rounded 1e-5 is fine
-            reasons.append(f"norm_eps {config['norm_eps']:.3g}: GraniteMoeHybrid's Mamba2 norm uses it, xatl's uses "
-                           f"{MAMBA2_NORM_EPS:g}")  # fmt: skip
     return reasons
 
 
 def target_config(config: dict[str, Any]) -> dict[str, Any]:
     """GraniteMoeHybrid's config.json for an xatl config that `refusals` accepts."""
-    m = config["mamba2"]
     head_dim = config["head_dim"]
-    d_inner = m["expand"] * config["hidden_size"]
     return {
         "architectures": ["GraniteMoeHybridForCausalLM"],
         "model_type": NAME,
@@ -87,15 +57,7 @@ def target_config(config: dict[str, Any]) -> dict[str, Any]:
         "embedding_multiplier": config.get("embedding_multiplier", 1.0),
         "residual_multiplier": config.get("residual_multiplier", 1.0),
         "logits_scaling": config.get("logits_scaling", 1.0),
-        "mamba_n_heads": d_inner // m["headdim"],
-        "mamba_d_head": m["headdim"],
-        "mamba_n_groups": m["ngroups"],
-        "mamba_d_state": m["d_state"],
-        "mamba_d_conv": m["d_conv"],
-        "mamba_expand": m["expand"],
-        "mamba_chunk_size": m["chunk_size"],
-        "mamba_conv_bias": m["conv_bias"],
-        "mamba_proj_bias": m["proj_bias"],
+        **mamba2_config(config),
         "tie_word_embeddings": config["tie_word_embeddings"],
         # transformers 5's cache asks an attention layer for the sequence length: with none, a forward that builds
         # a cache fails, so a pure Mamba2 export builds none by default (its generate() cannot run: use Bamba)
@@ -115,7 +77,7 @@ _RENAMES = (
 )
 
 
-def tensor(name: str, value: torch.Tensor, config: dict[str, Any]) -> tuple[str, torch.Tensor]:
+def tensors(name: str, value: torch.Tensor, config: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     """The GraniteMoeHybrid name (and layout) of one xatl tensor."""
     for pattern, replacement in _RENAMES:
         if re.match(pattern, name):
@@ -123,11 +85,5 @@ def tensor(name: str, value: torch.Tensor, config: dict[str, Any]) -> tuple[str,
             if ".shared_mlp.input_linear." in renamed:  # xatl [up; gate] → Granite [gate; up]
                 up, gate = value.chunk(2, dim=0)
                 value = torch.cat([gate, up], dim=0)
-            return renamed, value
-    layer = re.match(r"model\.layers\.(\d+)\.mixer\.(.+)", name)
-    if layer:
-        index, rest = int(layer.group(1)), layer.group(2)
-        if config["layer_types"][index] == "attention":
-            return f"model.layers.{index}.self_attn.{rest.replace('out_proj', 'o_proj')}", value
-        return f"model.layers.{index}.mamba.{rest}", value
-    return name, value  # model.embed_tokens.weight, lm_head.weight
+            return [(renamed, value)]
+    return [(mixer_name(name, config) or name, value)]  # else model.embed_tokens.weight, lm_head.weight

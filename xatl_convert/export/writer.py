@@ -10,9 +10,10 @@ from types import ModuleType
 from typing import Any
 
 from xatl_convert.errors import XatlError
-from xatl_convert.export import granitemoehybrid
+from xatl_convert.export import bamba, granitemoehybrid
 
-FORMATS: dict[str, ModuleType] = {granitemoehybrid.NAME: granitemoehybrid}
+# Each format module: NAME, refusals(config) -> [reason], target_config(config), tensors(name, value, config).
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba)}
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
             "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
 
@@ -55,8 +56,8 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                renamed, value = module.tensor(name, handle.get_tensor(name), config)
-                tensors[renamed] = value.contiguous()
+                for renamed, value in module.tensors(name, handle.get_tensor(name), config):
+                    tensors[renamed] = value.contiguous()
     with staged_output(out, force, needed_bytes=sum(file.stat().st_size for file in files)) as staging:
         save_shard(tensors, staging / "model.safetensors")
         (staging / "config.json").write_text(json.dumps(module.target_config(config), indent=2) + "\n")
