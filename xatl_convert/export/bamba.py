@@ -50,6 +50,8 @@ def target_config(config: dict[str, Any]) -> dict[str, Any]:
         "mlp_bias": config["mlp_bias"],
         **mamba2_config(config),
         "tie_word_embeddings": config["tie_word_embeddings"],
+        # transformers 5's hybrid cache asks an attention layer for the sequence length: with none, generate() runs
+        # only without a cache (re-reading the prefix each step), so a pure Mamba2 export turns it off
         "use_cache": "attention" in config["layer_types"],
         "pad_token_id": config.get("pad_token_id"),
         "bos_token_id": config.get("bos_token_id"),

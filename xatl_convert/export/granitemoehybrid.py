@@ -60,7 +60,7 @@ def target_config(config: dict[str, Any]) -> dict[str, Any]:
         **mamba2_config(config),
         "tie_word_embeddings": config["tie_word_embeddings"],
         # transformers 5's cache asks an attention layer for the sequence length: with none, a forward that builds
-        # a cache fails, so a pure Mamba2 export builds none by default (its generate() cannot run: use Bamba)
+        # a cache fails, so a pure Mamba2 export builds none by default (generate() then re-reads the prefix)
         "use_cache": "attention" in config["layer_types"],
         "pad_token_id": config.get("pad_token_id"),
         "bos_token_id": config.get("bos_token_id"),

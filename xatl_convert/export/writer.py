@@ -60,10 +60,15 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
                     tensors[renamed] = value.contiguous()
     with staged_output(out, force, needed_bytes=sum(file.stat().st_size for file in files)) as staging:
         save_shard(tensors, staging / "model.safetensors")
-        (staging / "config.json").write_text(json.dumps(module.target_config(config), indent=2) + "\n")
+        target = module.target_config(config)
+        (staging / "config.json").write_text(json.dumps(target, indent=2) + "\n")
         for name in _CARRIED:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
+        if not target.get("use_cache", True):  # generate() reads its own config: without a cache it runs
+            generation = staging / "generation_config.json"
+            settings = json.loads(generation.read_text()) if generation.is_file() else {}
+            generation.write_text(json.dumps({**settings, "use_cache": False}, indent=2) + "\n")
         manifest["export"] = {"format": format, "from": str(folder)}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return sorted(tensors)
