@@ -47,8 +47,31 @@ def test_granitemoehybrid_export_loads_natively_and_computes_the_same(attn_layer
     # length), which the export's generation_config says
     generated = [m.generate(prompt, max_new_tokens=6, do_sample=False) for m in (native, xatl)]
     assert torch.equal(generated[0], generated[1])
+    report = invoke("verify", tmp_path / "granite", "--json", tmp_path / "report.json")
+    assert report.exit_code == 0, report.output
+    checks = {c["name"]: c for c in json.loads((tmp_path / "report.json").read_text())["checks"]}
+    assert checks["tensors as exported"]["status"] == "pass"
+    assert checks["logits = xatl model (granitemoehybrid, no remote code)"]["details"]["relative_error"] <= 1e-5
     manifest = json.loads((tmp_path / "granite" / "xatl_manifest.json").read_text())
     assert manifest["export"]["format"] == "granitemoehybrid" and manifest["tensors"]  # freezing still reads it
+
+
+def test_verify_of_an_export_finds_a_changed_tensor(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = save_family(tmp_path / "source", "llama", LLAMA)
+    convert(source, tmp_path / "xatl", to="mamba2")
+    assert invoke("export", tmp_path / "xatl", "--format", "bamba", "--out", tmp_path / "bamba").exit_code == 0
+    weights = load_file(tmp_path / "bamba" / "model.safetensors")
+    weights["model.layers.1.feed_forward.gate_proj.weight"] = weights[
+        "model.layers.1.feed_forward.up_proj.weight"
+    ].clone()
+    save_file(weights, tmp_path / "bamba" / "model.safetensors", metadata={"format": "pt"})
+    result = invoke("verify", tmp_path / "bamba", "--json", tmp_path / "report.json")
+    assert result.exit_code == 1
+    checks = {c["name"]: c for c in json.loads((tmp_path / "report.json").read_text())["checks"]}
+    assert checks["tensors as exported"]["details"]["differ"] == ["model.layers.1.feed_forward.gate_proj.weight"]
+    assert checks["logits = xatl model (bamba, no remote code)"]["status"] == "fail"
 
 
 def test_an_export_that_would_compute_something_else_is_refused_with_every_reason(tmp_path: Path) -> None:

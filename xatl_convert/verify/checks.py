@@ -56,6 +56,10 @@ def verify(
     logic error from rounding. progress(pass, block, blocks) is called as each pass starts each block.
     """
     output = Path(output)
+    from xatl_convert.export.verify import is_export, verify_export
+
+    if is_export(output):  # written by xatl export: checked against the xatl folder it came from
+        return verify_export(output, text, max_tokens)
     target = resolve_device(device)
     dtype = _precision(precision)
     return_freed_blocks_to_the_os()

@@ -1,0 +1,70 @@
+"""`xatl verify` on an exported folder: its tensors against the xatl folder it came from (bit for bit, through the
+format's own renaming), and its logits, computed by transformers' own class with no remote code, against the xatl
+model's on the same text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xatl_convert.errors import OutputError
+from xatl_convert.export.writer import FORMATS
+from xatl_convert.verify.report import CheckResult, VerifyReport
+
+LOGIT_BOUND = 1e-5
+
+
+def is_export(folder: Path) -> bool:
+    """Whether the folder holds an export (its config.json names a format `xatl export` writes)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") in FORMATS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int = 256) -> VerifyReport:
+    """Two checks: "tensors as exported" and "logits = xatl model" (relative ≤ 1e-5, float32)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from xatl_convert.manifest import read_manifest
+    from xatl_convert.verify.checks import read_output_config, sample_input_ids
+    from xatl_convert.verify.streaming import relative_error
+
+    record = read_manifest(folder).get("export")
+    if not isinstance(record, dict) or not isinstance(record.get("from"), str):
+        raise OutputError(f"{folder}: its manifest has no export record; export it again with xatl export")
+    origin, module = Path(record["from"]), FORMATS[record.get("format", "")]
+    if not (origin / "config.json").is_file():
+        raise OutputError(f"{folder}: exported from {origin}, which is gone; verify needs that xatl folder")
+    config = read_output_config(origin)
+    report = VerifyReport(output=str(folder), source=str(origin))
+    expected: dict[str, torch.Tensor] = {}
+    for file in sorted(origin.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                expected.update(module.tensors(name, handle.get_tensor(name), config.to_dict()))
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        found = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    differ = sorted(name for name in expected if name not in found or not torch.equal(found[name], expected[name]))
+    extra = sorted(set(found) - set(expected))
+    status = "pass" if not differ and not extra else "fail"
+    value = f"{len(expected) - len(differ)}/{len(expected)} equal" + (f", {len(extra)} unexpected" if extra else "")
+    report.checks.append(CheckResult("tensors as exported", status, value, "bit-for-bit from the xatl folder",
+                                     {"differ": differ[:20], "unexpected": extra[:20]}))  # fmt: skip
+    ids = sample_input_ids(origin, config, text, max_tokens)
+    logits: dict[str, Any] = {}
+    for name, path, remote in (("xatl", origin, True), (module.NAME, folder, False)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
+        with torch.no_grad():
+            logits[name] = model(ids, use_cache=False).logits
+        del model
+    error = relative_error(logits[module.NAME], logits["xatl"])
+    report.checks.append(CheckResult(f"logits = xatl model ({module.NAME}, no remote code)",
+                                     "pass" if error <= LOGIT_BOUND else "fail", f"{error:.1e}",
+                                     f"relative ≤ {LOGIT_BOUND:g}", {"relative_error": error}))  # fmt: skip
+    report.sample = {"tokens": int(ids.shape[1]), "text": str(text) if text is not None else "built-in"}
+    return report
