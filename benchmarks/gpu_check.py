@@ -94,11 +94,44 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
             passed &= report.passed
             for check in report.checks:
                 print(f"{name:40s} {check.name:45s} {check.status:5s} {check.value}", flush=True)
+        if device == "cuda":
+            exported = mamba_ssm_export_check(Path(work))
+            results["mamba_ssm_export"] = exported
+            passed &= exported.get("passed", True)
+            print(f"{'mamba-ssm export':40s} {exported}", flush=True)
     results["passed"] = passed
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return passed
+
+
+def mamba_ssm_export_check(work: Path) -> dict[str, object]:
+    """A Llama-shaped hybrid (Mamba2 + one attention layer) exported as mamba-ssm, loaded by mamba-ssm's own
+    MambaLMHeadModel, against the xatl model on the same tokens: what the CPU tests can only check by names."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from xatl_convert.conversion import convert
+    from xatl_convert.export import export_folder
+
+    try:
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError as error:
+        return {"skipped": f"mamba-ssm does not import ({error})"}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=600, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(work / "llama")
+    convert(work / "llama", work / "llama-xatl", to="mamba2", attn_layers="1")
+    export_folder(work / "llama-xatl", work / "llama-ssm", "mamba-ssm")
+    ids = torch.randint(0, 512, (1, 64), device="cuda")
+    xatl = AutoModelForCausalLM.from_pretrained(work / "llama-xatl", trust_remote_code=True, dtype=torch.float32)
+    ssm = MambaLMHeadModel.from_pretrained(str(work / "llama-ssm"), device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        ours, theirs = xatl.cuda().eval()(ids).logits, ssm.eval()(ids).logits
+    error = float((theirs - ours).norm() / ours.norm())
+    return {"relative_logit_error": error, "passed": error <= 1e-3}  # both on CUDA kernels (tf32 off by default)
 
 
 def main() -> None:

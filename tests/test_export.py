@@ -83,7 +83,7 @@ def test_an_export_that_would_compute_something_else_is_refused_with_every_reaso
         assert reason in line
     assert not (tmp_path / "g").exists()
     line = error_line(invoke("export", tmp_path / "xatl", "--format", "bamba2", "--out", tmp_path / "g"))
-    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid, bamba)"
+    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid, bamba, mamba-ssm)"
 
 
 def test_convert_format_writes_the_export_directly_and_refuses_before_writing(tmp_path: Path) -> None:
@@ -118,3 +118,45 @@ def test_bamba_export_holds_a_pure_mamba2_conversion_and_refuses_full_rotary_att
     convert(source, tmp_path / "hybrid", to="mamba2", attn_layers="1")
     line = error_line(invoke("export", tmp_path / "hybrid", "--format", "bamba", "--out", tmp_path / "b2"))
     assert "Bamba's rotate half" in line and "export a hybrid as granitemoehybrid" in line
+
+
+API = json.loads((Path(__file__).parent / "fixtures" / "mamba_ssm_api.json").read_text())
+
+
+@pytest.mark.parametrize(("mixer", "layer"), [("mamba2", "Mamba2"), ("mamba", "Mamba1")])
+def test_mamba_ssm_export_has_mamba_ssms_names_config_keys_and_exact_layouts(
+    mixer: str, layer: str, tmp_path: Path
+) -> None:
+    """mamba-ssm needs CUDA, so: its own config fields, module arguments and parameter names (read from its source,
+    tests/fixtures/mamba_ssm_api.json), and the two layouts that differ from xatl's checked numerically."""
+    narrow = (LLAMA[0], LLAMA[1], {**LLAMA[2], "intermediate_size": 100})  # GatedMLP pads it to 128
+    source = save_family(tmp_path / "source", "llama", narrow)
+    convert(source, tmp_path / "xatl", to=mixer, attn_layers="1")
+    result = invoke("export", tmp_path / "xatl", "--format", "mamba-ssm", "--out", tmp_path / "ssm")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "ssm" / "config.json").read_text())
+    assert list(config) == API["config_fields"]  # MambaConfig(**config) takes exactly these
+    assert config["ssm_cfg"]["layer"] == layer and config["attn_layer_idx"] == [1]
+    assert set(config["ssm_cfg"]) - {"layer"} <= set(API[f"{layer.lower()}_args"])
+    assert set(config["attn_cfg"]) <= set(API["mha_args"])
+    assert config["d_intermediate"] == 128 and config["pad_vocab_size_multiple"] == 1
+    state = torch.load(tmp_path / "ssm" / "pytorch_model.bin", weights_only=True)
+    expected = set(API["parameters"]["model"])
+    for i in range(3):
+        expected |= {name.replace("{i}", str(i)) for name in API["parameters"]["block"]}
+        kind = "MHA" if i == 1 else layer
+        expected |= {f"backbone.layers.{i}.{name}" for name in API["parameters"][kind]}
+    assert set(state) == expected
+    xatl = AutoModelForCausalLM.from_pretrained(tmp_path / "xatl", dtype=torch.float32, trust_remote_code=True)
+    block = xatl.model.layers[0]
+    x = torch.randn(2, 5, 64)
+    fc1, fc2 = state["backbone.layers.0.mlp.fc1.weight"], state["backbone.layers.0.mlp.fc2.weight"]
+    y, gate = (x @ fc1.T).chunk(2, dim=-1)  # mamba-ssm's GatedMLP, on the padded weights
+    assert torch.allclose((y * torch.nn.functional.silu(gate)) @ fc2.T, block.mlp(x), atol=1e-6)
+    attention = xatl.model.layers[1].mixer
+    fused = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    assert torch.equal(state["backbone.layers.1.mixer.in_proj.weight"], fused)  # MHA's rows: Q, then K, then V
+    report = invoke("verify", tmp_path / "ssm", "--json", tmp_path / "report.json")
+    checks = {c["name"]: c for c in json.loads((tmp_path / "report.json").read_text())["checks"]}
+    assert report.exit_code == 0 and checks["tensors as exported"]["status"] == "pass"
+    assert checks["logits = xatl model (mamba-ssm, no remote code)"]["status"] == "skip"

@@ -568,7 +568,9 @@ def _convert_and_export(
 @app.command("export", cls=PlainUsageCommand)
 def export_command(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A folder written by xatl convert (or trained).")],
-    format: Annotated[str, typer.Option(metavar="FORMAT", help="granitemoehybrid or bamba (transformers, vLLM).")],
+    format: Annotated[
+        str, typer.Option(metavar="FORMAT", help="granitemoehybrid or bamba (transformers, vLLM), or mamba-ssm.")
+    ],
     out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder.")],
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:

@@ -9,11 +9,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from xatl_convert.errors import XatlError
-from xatl_convert.export import bamba, granitemoehybrid
+import torch
 
-# Each format module: NAME, refusals(config) -> [reason], target_config(config), tensors(name, value, config).
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba)}
+from xatl_convert.errors import XatlError
+from xatl_convert.export import bamba, granitemoehybrid, mamba_ssm
+
+# Each format module: NAME, refusals(config) -> [reason], target_config(config), tensors(name, value, config), and
+# optionally fuse(state, config) (tensors that several xatl tensors make) and WEIGHTS_FILE (default safetensors).
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm)}
+SAFETENSORS = "model.safetensors"
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
             "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
 
@@ -59,7 +63,13 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
                 for renamed, value in module.tensors(name, handle.get_tensor(name), config):
                     tensors[renamed] = value.contiguous()
     with staged_output(out, force, needed_bytes=sum(file.stat().st_size for file in files)) as staging:
-        save_shard(tensors, staging / "model.safetensors")
+        if hasattr(module, "fuse"):
+            tensors = module.fuse(tensors, config)
+        weights = getattr(module, "WEIGHTS_FILE", SAFETENSORS)
+        if weights == SAFETENSORS:
+            save_shard(tensors, staging / weights)
+        else:  # mamba-ssm's from_pretrained reads pytorch_model.bin (plain tensors: loads with weights_only=True)
+            torch.save(tensors, staging / weights)
         target = module.target_config(config)
         (staging / "config.json").write_text(json.dumps(target, indent=2) + "\n")
         for name in _CARRIED:
@@ -72,3 +82,13 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
         manifest["export"] = {"format": format, "from": str(folder)}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return sorted(tensors)
+
+
+def exported_tensors(folder: Path, module: ModuleType) -> dict[str, torch.Tensor]:
+    """The tensors an export holds, from its weights file."""
+    from safetensors.torch import load_file
+
+    weights = folder / getattr(module, "WEIGHTS_FILE", SAFETENSORS)
+    if weights.name == SAFETENSORS:
+        return load_file(weights)
+    return torch.load(weights, weights_only=True, map_location="cpu")
