@@ -576,10 +576,10 @@ def export_command(
 ) -> None:
     """Write FOLDER in a format that engines load natively, or say every reason it would compute something else."""
     _quiet_transformers()
-    from xatl_convert.export import export_folder
+    from xatl_convert.export import FORMATS, export_folder
 
     names = export_folder(folder, out, format, force)
-    _print_wrote(out, f"{format}, {len(names)} tensors; loads with AutoModelForCausalLM, no remote code")
+    _print_wrote(out, f"{format}, {len(names)} tensors; loads with {FORMATS[format].LOADS_WITH}")
 
 
 @app.command("inspect", cls=PlainUsageCommand)

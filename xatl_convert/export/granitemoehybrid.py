@@ -17,6 +17,7 @@ import torch
 
 from xatl_convert.export.hybrids import hybrid_refusals, mamba2_config, mixer_name
 
+LOADS_WITH = "AutoModelForCausalLM, no remote code"
 NAME = "granitemoehybrid"
 
 

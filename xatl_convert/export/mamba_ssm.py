@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+LOADS_WITH = "mamba-ssm's MambaLMHeadModel.from_pretrained (CUDA)"
 NAME = "mamba-ssm"
 WEIGHTS_FILE = "pytorch_model.bin"
 NORM_EPS = 1e-5

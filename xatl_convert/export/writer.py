@@ -14,8 +14,9 @@ import torch
 from xatl_convert.errors import XatlError
 from xatl_convert.export import bamba, granitemoehybrid, mamba_ssm
 
-# Each format module: NAME, refusals(config) -> [reason], target_config(config), tensors(name, value, config), and
-# optionally fuse(state, config) (tensors that several xatl tensors make) and WEIGHTS_FILE (default safetensors).
+# Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
+# tensors(name, value, config), and optionally fuse(state, config) (tensors that several xatl tensors make) and
+# WEIGHTS_FILE (default safetensors).
 FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm)}
 SAFETENSORS = "model.safetensors"
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
