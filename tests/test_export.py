@@ -160,3 +160,14 @@ def test_mamba_ssm_export_has_mamba_ssms_names_config_keys_and_exact_layouts(
     checks = {c["name"]: c for c in json.loads((tmp_path / "report.json").read_text())["checks"]}
     assert report.exit_code == 0 and checks["tensors as exported"]["status"] == "pass"
     assert checks["logits = xatl model (mamba-ssm, no remote code)"]["status"] == "skip"
+
+
+def test_a_sharded_folder_exports_shard_by_shard_and_verifies(tmp_path: Path) -> None:
+    source = save_family(tmp_path / "source", "llama", LLAMA)
+    convert(source, tmp_path / "xatl", to="mamba2", max_shard_bytes=100_000)
+    shards = sorted(path.name for path in (tmp_path / "xatl").glob("*.safetensors"))
+    assert len(shards) > 2
+    assert invoke("export", tmp_path / "xatl", "--format", "bamba", "--out", tmp_path / "bamba").exit_code == 0
+    assert sorted(path.name for path in (tmp_path / "bamba").glob("*.safetensors")) == shards  # one in memory at a time
+    assert (tmp_path / "bamba" / "model.safetensors.index.json").is_file()
+    assert invoke("verify", tmp_path / "bamba").exit_code == 0  # loads through the index; logits equal

@@ -270,10 +270,15 @@ def _refuse_unsupported(source: SourceCheckpoint, mapping: Mapping) -> None:
     """The first `source.unsupported` entry whose condition holds for this source, as one error line."""
     for index, entry in enumerate(mapping.source.unsupported):
         where = locate(mapping, ("source", "unsupported", index))
-        if not isinstance(entry.condition, bool):
-            raise MappingError(f"{where}: condition must be true or false, got {entry.condition!r}")
-        if entry.condition:
+        if _holds(entry.condition, where):
             raise UnsupportedModelError(f"{source.reference}: {entry.reason} (mapping {mapping.name}, {where})")
+
+
+def _holds(condition: bool | str, where: str) -> bool:
+    """A bound `condition` (rule or source.unsupported): its expression must have given true or false."""
+    if not isinstance(condition, bool):
+        raise MappingError(f"{where}: condition must be true or false, got {condition!r}")
+    return condition
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,7 @@ class _Feature:
     """A source config feature that changes what the model computes, and the xatl key that carries it."""
 
     source_key: str
-    target_key: str | None  # None: the xatl model has no such feature
+    target_key: str
     what: str
     attention_only: bool = False  # only kept attention layers compute it
 
@@ -322,8 +327,7 @@ def _semantic_warnings(source_config: dict[str, Any], target: XatlConfig, kept: 
     for feature in _FEATURES:
         if not feature.active(source_config) or (feature.attention_only and not kept):
             continue
-        carried = feature.target_key is not None and _carries(target, feature.target_key)
-        if carried:
+        if _carries(target, feature.target_key):
             continue
         what = feature.what.format(value=source_config.get(feature.source_key))
         where = "the kept attention layers compute" if feature.attention_only else "the converted model computes"
@@ -423,9 +427,7 @@ class _Planner:
 
     def run(self) -> tuple[list[PlannedTensor], dict[str, str]]:
         for rule in self.mapping.rules:
-            if not isinstance(rule.condition, bool):
-                raise MappingError(f"{rule.location}: condition must be true or false, got {rule.condition!r}")
-            if not rule.condition:
+            if not _holds(rule.condition, rule.location):
                 continue
             for pairs in self._expand(rule):
                 self._apply_layer(rule, pairs)

@@ -262,31 +262,31 @@ class Split(Transform):
         return chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=self.dim)
 
 
-class Scale(Transform):
+class _Constant(Transform):
+    """A transform by one constant, which must be finite; the shape is unchanged."""
+
+    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
+        (argument, value), *_ = self.model_dump().items()
+        if not math.isfinite(value):
+            raise TransformShapeError(f"{self.name}: {argument} {value} is not a finite number")
+        return shapes[0]
+
+
+class Scale(_Constant):
     """Multiply every element by a constant: folds a constant multiplier into a weight where that is exact."""
 
     name: ClassVar[str] = "scale"
     factor: float
 
-    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
-        if not math.isfinite(self.factor):
-            raise TransformShapeError(f"scale: factor {self.factor} is not a finite number")
-        return shapes[0]
-
     def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return tensors[0] * self.factor
 
 
-class Add(Transform):
+class Add(_Constant):
     """Add a constant to every element, e.g. a norm weight stored as an offset (Gemma's w, applied as 1 + w)."""
 
     name: ClassVar[str] = "add"
     value: float
-
-    def output_shape(self, shapes: Sequence[Shape]) -> Shape:
-        if not math.isfinite(self.value):
-            raise TransformShapeError(f"add: value {self.value} is not a finite number")
-        return shapes[0]
 
     def apply(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return tensors[0] + self.value

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from xatl_convert.export.hybrids import hybrid_refusals, mamba2_config, mixer_name
+from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_name
 
 LOADS_WITH = "AutoModelForCausalLM, no remote code"
 NAME = "bamba"
@@ -35,28 +35,9 @@ def target_config(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "architectures": ["BambaForCausalLM"],
         "model_type": NAME,
-        "vocab_size": config["vocab_size"],
-        "hidden_size": config["hidden_size"],
-        "intermediate_size": config["intermediate_size"],
-        "num_hidden_layers": config["num_hidden_layers"],
+        **hybrid_config(config),
         "attn_layer_indices": [i for i, kind in enumerate(config["layer_types"]) if kind == "attention"],
-        "num_attention_heads": config["num_attention_heads"],
-        "num_key_value_heads": config["num_key_value_heads"],
-        "head_dim": config["head_dim"],
-        "hidden_act": config["hidden_act"],
-        "rms_norm_eps": config["norm_eps"],
-        "max_position_embeddings": config["max_position_embeddings"],
-        "rope_parameters": config["rope_parameters"],
-        "attention_bias": config["attention_bias"],
         "mlp_bias": config["mlp_bias"],
-        **mamba2_config(config),
-        "tie_word_embeddings": config["tie_word_embeddings"],
-        # transformers 5's hybrid cache asks an attention layer for the sequence length: with none, generate() runs
-        # only without a cache (re-reading the prefix each step), so a pure Mamba2 export turns it off
-        "use_cache": "attention" in config["layer_types"],
-        "pad_token_id": config.get("pad_token_id"),
-        "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from xatl_convert.export.hybrids import hybrid_refusals, mamba2_config, mixer_name
+from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_name
 
 LOADS_WITH = "AutoModelForCausalLM, no remote code"
 NAME = "granitemoehybrid"
@@ -31,41 +31,21 @@ def refusals(config: dict[str, Any]) -> list[str]:
 
 def target_config(config: dict[str, Any]) -> dict[str, Any]:
     """GraniteMoeHybrid's config.json for an xatl config that `refusals` accepts."""
-    head_dim = config["head_dim"]
     return {
         "architectures": ["GraniteMoeHybridForCausalLM"],
         "model_type": NAME,
-        "vocab_size": config["vocab_size"],
-        "hidden_size": config["hidden_size"],
-        "intermediate_size": config["intermediate_size"],
+        **hybrid_config(config),
         "shared_intermediate_size": config["intermediate_size"],
         "num_local_experts": 0,
         "num_experts_per_tok": 0,
-        "num_hidden_layers": config["num_hidden_layers"],
         "layer_types": [
             "full_attention" if kind == "attention" else "linear_attention" for kind in config["layer_types"]
         ],
-        "num_attention_heads": config["num_attention_heads"],
-        "num_key_value_heads": config["num_key_value_heads"],
-        "head_dim": head_dim,
-        "hidden_act": config["hidden_act"],
-        "rms_norm_eps": config["norm_eps"],
-        "max_position_embeddings": config["max_position_embeddings"],
         "position_embedding_type": "rope",
-        "rope_parameters": config["rope_parameters"],
-        "attention_bias": config["attention_bias"],
-        "attention_multiplier": config.get("attention_multiplier") or head_dim**-0.5,
+        "attention_multiplier": config.get("attention_multiplier") or config["head_dim"] ** -0.5,
         "embedding_multiplier": config.get("embedding_multiplier", 1.0),
         "residual_multiplier": config.get("residual_multiplier", 1.0),
         "logits_scaling": config.get("logits_scaling", 1.0),
-        **mamba2_config(config),
-        "tie_word_embeddings": config["tie_word_embeddings"],
-        # transformers 5's cache asks an attention layer for the sequence length: with none, a forward that builds
-        # a cache fails, so a pure Mamba2 export builds none by default (generate() then re-reads the prefix)
-        "use_cache": "attention" in config["layer_types"],
-        "pad_token_id": config.get("pad_token_id"),
-        "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
     }
 
 

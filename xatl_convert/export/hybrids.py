@@ -41,10 +41,22 @@ def hybrid_refusals(config: dict[str, Any], name: str, expected: dict[str, Any])
     return reasons
 
 
-def mamba2_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The mamba_* keys both formats share."""
+def hybrid_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys both formats share: sizes, attention, norms, RoPE, the mamba_* keys and token ids."""
     m = config["mamba2"]
     return {
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config["intermediate_size"],
+        "num_hidden_layers": config["num_hidden_layers"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "head_dim": config["head_dim"],
+        "hidden_act": config["hidden_act"],
+        "rms_norm_eps": config["norm_eps"],
+        "max_position_embeddings": config["max_position_embeddings"],
+        "rope_parameters": config["rope_parameters"],
+        "attention_bias": config["attention_bias"],
         "mamba_n_heads": m["expand"] * config["hidden_size"] // m["headdim"],
         "mamba_d_head": m["headdim"],
         "mamba_n_groups": m["ngroups"],
@@ -54,6 +66,13 @@ def mamba2_config(config: dict[str, Any]) -> dict[str, Any]:
         "mamba_chunk_size": m["chunk_size"],
         "mamba_conv_bias": m["conv_bias"],
         "mamba_proj_bias": m["proj_bias"],
+        "tie_word_embeddings": config["tie_word_embeddings"],
+        # transformers 5's hybrid cache asks an attention layer for the sequence length: with none, a forward that
+        # builds a cache fails, so a pure Mamba2 export builds none by default (generate() re-reads the prefix)
+        "use_cache": "attention" in config["layer_types"],
+        "pad_token_id": config.get("pad_token_id"),
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from xatl_convert.errors import OutputError
-from xatl_convert.export.writer import FORMATS, exported_tensors
+from xatl_convert.export.writer import FORMATS, ExportedTensors, mapped_shards
 from xatl_convert.verify.report import CheckResult, VerifyReport
 
 LOGIT_BOUND = 1e-5
@@ -30,7 +30,6 @@ def is_export(folder: Path) -> bool:
 
 def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int = 256) -> VerifyReport:
     """Two checks: "tensors as exported" and "logits = xatl model" (relative ≤ 1e-5, float32)."""
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from xatl_convert.manifest import read_manifest
@@ -45,16 +44,16 @@ def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int 
         raise OutputError(f"{folder}: exported from {origin}, which is gone; verify needs that xatl folder")
     config = read_output_config(origin)
     report = VerifyReport(output=str(folder), source=str(origin))
-    expected: dict[str, torch.Tensor] = {}
-    for file in sorted(origin.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                expected.update(module.tensors(name, handle.get_tensor(name), config.to_dict()))
-    if hasattr(module, "fuse"):
-        expected = module.fuse(expected, config.to_dict())
-    found = exported_tensors(folder, module)
-    differ = sorted(name for name in expected if name not in found or not torch.equal(found[name], expected[name]))
-    extra = sorted(set(found) - set(expected))
+    found = ExportedTensors(folder)
+    expected: set[str] = set()
+    differ: list[str] = []
+    for _, tensors in mapped_shards(origin, module, config.to_dict()):  # one xatl shard in memory at a time
+        for name, value in tensors.items():
+            expected.add(name)
+            if name not in found.files or not torch.equal(found.read(name), value):
+                differ.append(name)
+    differ.sort()
+    extra = sorted(set(found.files) - expected)
     status = "pass" if not differ and not extra else "fail"
     value = f"{len(expected) - len(differ)}/{len(expected)} equal" + (f", {len(extra)} unexpected" if extra else "")
     report.checks.append(CheckResult("tensors as exported", status, value, "bit-for-bit from the xatl folder",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,8 +16,8 @@ from xatl_convert.errors import XatlError
 from xatl_convert.export import bamba, granitemoehybrid, mamba_ssm
 
 # Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
-# tensors(name, value, config), and optionally fuse(state, config) (tensors that several xatl tensors make) and
-# WEIGHTS_FILE (default safetensors).
+# tensors(name, value, config), and optionally fuse(state, config) with WEIGHTS_FILE (tensors that several xatl
+# tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards).
 FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm)}
 SAFETENSORS = "model.safetensors"
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -39,14 +40,38 @@ def check_format(format: str, config: dict[str, Any], where: str | Path) -> Modu
     return module
 
 
-def export_folder(folder: str | Path, out: str | Path, format: str, force: bool = False) -> list[str]:
-    """Write FOLDER (an xatl output) to OUT in `format`; returns the names of the tensors written."""
+def mapped_shards(
+    folder: Path, module: ModuleType, config: dict[str, Any]
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(file name, the format's tensors) for each weights file of the xatl folder, one file in memory at a time; a
+    format that joins tensors across files (mamba-ssm's fused in_proj, one .bin) gets them all at once."""
     from safetensors import safe_open
 
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{folder}: no .safetensors weights to export")
+    gathered: dict[str, torch.Tensor] = {}
+    for file in files:
+        mapped: dict[str, torch.Tensor] = {}
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                for renamed, value in module.tensors(name, handle.get_tensor(name), config):
+                    mapped[renamed] = value.contiguous()
+        if hasattr(module, "fuse"):
+            gathered.update(mapped)
+        else:
+            yield file.name, mapped
+    if hasattr(module, "fuse"):
+        yield module.WEIGHTS_FILE, module.fuse(gathered, config)
+
+
+def export_folder(folder: str | Path, out: str | Path, format: str, force: bool = False) -> list[str]:
+    """Write FOLDER (an xatl output) to OUT in `format`, shard by shard as FOLDER holds them; returns the names of
+    the tensors written."""
     from xatl_convert.manifest import MANIFEST_NAME, read_manifest
     from xatl_convert.output_folder import staged_output
     from xatl_convert.verify.checks import read_output_config
-    from xatl_convert.writer import save_shard
+    from xatl_convert.writer import SHARD_INDEX_NAME, save_shard
 
     folder = Path(folder)
     if format not in FORMATS:  # before reading anything
@@ -54,23 +79,18 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     config = read_output_config(folder).to_dict()
     module = check_format(format, config, folder)
     manifest = read_manifest(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{folder}: no .safetensors weights to export")
-    tensors: dict[str, Any] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                for renamed, value in module.tensors(name, handle.get_tensor(name), config):
-                    tensors[renamed] = value.contiguous()
-    with staged_output(out, force, needed_bytes=sum(file.stat().st_size for file in files)) as staging:
-        if hasattr(module, "fuse"):
-            tensors = module.fuse(tensors, config)
-        weights = getattr(module, "WEIGHTS_FILE", SAFETENSORS)
-        if weights == SAFETENSORS:
-            save_shard(tensors, staging / weights)
-        else:  # mamba-ssm's from_pretrained reads pytorch_model.bin (plain tensors: loads with weights_only=True)
-            torch.save(tensors, staging / weights)
+    needed = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    weight_map: dict[str, str] = {}
+    with staged_output(out, force, needed_bytes=needed) as staging:
+        for file_name, tensors in mapped_shards(folder, module, config):
+            if file_name.endswith(".safetensors"):
+                save_shard(tensors, staging / file_name)
+            else:  # mamba-ssm's from_pretrained reads pytorch_model.bin (plain tensors: loads with weights_only=True)
+                torch.save(tensors, staging / file_name)
+            weight_map.update(dict.fromkeys(tensors, file_name))
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": needed}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / SHARD_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         target = module.target_config(config)
         (staging / "config.json").write_text(json.dumps(target, indent=2) + "\n")
         for name in _CARRIED:
@@ -82,14 +102,34 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
             generation.write_text(json.dumps({**settings, "use_cache": False}, indent=2) + "\n")
         manifest["export"] = {"format": format, "from": str(folder)}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return sorted(tensors)
+    return sorted(weight_map)
 
 
-def exported_tensors(folder: Path, module: ModuleType) -> dict[str, torch.Tensor]:
-    """The tensors an export holds, from its weights file."""
-    from safetensors.torch import load_file
+class ExportedTensors:
+    """The tensors an export holds (through its shard index, its one safetensors file, or its .bin, memory-mapped),
+    read one at a time."""
 
-    weights = folder / getattr(module, "WEIGHTS_FILE", SAFETENSORS)
-    if weights.name == SAFETENSORS:
-        return load_file(weights)
-    return torch.load(weights, weights_only=True, map_location="cpu")
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        from xatl_convert.writer import SHARD_INDEX_NAME
+
+        self._state: dict[str, torch.Tensor] | None = None
+        if (folder / SHARD_INDEX_NAME).is_file():
+            weight_map = json.loads((folder / SHARD_INDEX_NAME).read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif (folder / SAFETENSORS).is_file():
+            with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), folder / SAFETENSORS)
+        else:
+            weights = folder / mamba_ssm.WEIGHTS_FILE
+            self._state = torch.load(weights, weights_only=True, map_location="cpu", mmap=True)
+            self.files = dict.fromkeys(self._state, weights)
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if self._state is not None:
+            return self._state[name]
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
