@@ -30,6 +30,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3ForCausalLM", "SmolLM3Config", {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    # Mistral-Nemo's shape: heads × head_dim (32 × 128) is not a multiple of hidden (5120)
+    "mistral-nemo-shape": ("MistralForCausalLM", "MistralConfig", {
+        "hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 64, "sliding_window": None}),
     # gemma-2b: multi-query, head_dim 256 ≠ hidden / heads, (1 + w) norms, sqrt(hidden) embeddings, GELU-tanh
     "gemma": ("GemmaForCausalLM", "GemmaConfig", {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -47,6 +51,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
         "final_logit_softcapping": None, "attn_logit_softcapping": None}),
+    # gemma-3-1b's shape: heads × head_dim (4 × 256) is not a multiple of hidden (1152), so Mamba2 takes 4 heads of
+    # hidden / 4 and W_O cannot fill out_proj
+    "gemma3-1b-shape": ("Gemma3ForCausalLM", "Gemma3TextConfig", {
+        "hidden_size": 72, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"]}),
     # Phi-4-mini: fused qkv and gate_up, partial rotary 0.75, GQA, tied; Phi-3's window on every layer
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
