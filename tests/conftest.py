@@ -30,6 +30,7 @@ VERIFY_CHECK_NAMES = [
     "loss vs from-scratch",
     "source twin = source",
     "incremental decoding = full forward",
+    "mamba kernel call sites = reference",
 ]
 
 

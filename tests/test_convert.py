@@ -39,8 +39,10 @@ def test_pure_mamba_conversion_writes_weights_config_manifest_and_card(neox_chec
         "config.json",
         "configuration_xatl.py",
         "generation_config.json",
+        "kernels_xatl.py",
         "model.safetensors",
         "modeling_xatl.py",
+        "scans_xatl.py",
         "xatl_manifest.json",
     ]
     config = json.loads((out / "config.json").read_text())

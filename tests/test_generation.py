@@ -157,11 +157,3 @@ def test_forward_without_use_cache_returns_no_cache_and_rejects_two_caches() -> 
         with pytest.raises(ValueError, match="once"):
             model(ids[:, :1], cache=out.cache, past_key_values=new_cache(model, 1))
 
-
-def test_reference_path_switch_and_kernel_probe_on_cpu() -> None:
-    from xatl_convert.models import modeling_xatl
-
-    assert all(isinstance(modeling_xatl.kernels_available(kind), bool) for kind in ("mamba", "mamba2"))
-    with modeling_xatl.reference_path():
-        assert modeling_xatl._FORCE_REFERENCE
-    assert not modeling_xatl._FORCE_REFERENCE

@@ -44,6 +44,7 @@ from xatl_convert.models import (
     ssd_chunk_scan_reference,
 )
 from xatl_convert.models.modeling_xatl import rotary_cos_sin
+from xatl_convert.writer import MODELING_FILES
 
 VOCAB, HIDDEN, HEADS = 128, 64, 4
 
@@ -565,7 +566,7 @@ def test_from_pretrained_initialises_only_missing_tensors(tmp_path) -> None:
 
 
 def test_copied_model_files_load_as_remote_code_without_the_package(tmp_path) -> None:
-    """The two model files are copied into converted folders and must work where xatl_convert is absent."""
+    """The model files are copied into converted folders and must work where xatl_convert is absent."""
     torch.manual_seed(0)
     model = XatlForCausalLM(tiny_config(layer_types=["mamba", "attention"])).eval()
     model.save_pretrained(tmp_path)
@@ -573,7 +574,7 @@ def test_copied_model_files_load_as_remote_code_without_the_package(tmp_path) ->
     with torch.no_grad():
         torch.save(model(ids).logits, tmp_path / "expected.pt")
     models_dir = Path(xatl_convert.models.__file__).parent
-    for name in ("configuration_xatl.py", "modeling_xatl.py"):
+    for name in MODELING_FILES:
         shutil.copy(models_dir / name, tmp_path / name)
     config = json.loads((tmp_path / "config.json").read_text())
     config["auto_map"] = {

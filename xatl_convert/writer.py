@@ -45,7 +45,7 @@ SINGLE_SHARD_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-MODELING_FILES = ("configuration_xatl.py", "modeling_xatl.py")
+MODELING_FILES = ("configuration_xatl.py", "kernels_xatl.py", "modeling_xatl.py", "scans_xatl.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_xatl.XatlConfig",
     "AutoModel": "modeling_xatl.XatlModel",

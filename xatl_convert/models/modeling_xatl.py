@@ -1,17 +1,17 @@
 """The `xatl` decoder family: a Transformer block skeleton with a per-layer mixer (attention, Mamba or Mamba2).
 
-Self-contained on purpose (torch, transformers and the stdlib only): this file is copied into every converted
-model folder and loaded with `trust_remote_code=True` where `xatl_convert` is not installed. mamba_ssm and
-causal_conv1d are optional and imported lazily, per call, only for CUDA inputs.
+Self-contained on purpose (torch, transformers and the stdlib only): this file, with the three it imports, is
+copied into every converted model folder and loaded with `trust_remote_code=True` where `xatl_convert` is not
+installed. Each Mamba / Mamba2 mixer has two paths: the readable reference path (`scans_xatl`) and the kernel call
+path, which calls mamba-ssm's and causal-conv1d's functions exactly as mamba-ssm's modules do, through the one
+dispatch point in `kernels_xatl` (real kernels on CUDA, signature-identical stand-ins elsewhere).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,192 +24,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_xatl import XatlConfig
+from .kernels_xatl import KernelSet, kernel_path, kernels_available, kernels_for, reference_path
+from .scans_xatl import compute_dtype, selective_scan_reference, ssd_chunk_scan_reference
 
 # Marks set on nn.Linear modules so that `init_xatl_weights` can initialise each module on its own, in any order.
 _INIT_ROLE = "_xatl_init_role"
 _RESIDUAL_OUT = "residual_out"  # out_proj of a mixer, mlp.fc2: scaled down like mamba-ssm's prenorm rescale
 _DT_PROJ = "dt_proj"  # Mamba's dt_proj: mamba-ssm's dt init, bias never zeroed
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Optional CUDA kernels
-# --------------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _mamba_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
-    """(causal_conv1d_fn, selective_scan_fn) if both packages import, else None. Tried once, on first use."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or a broken CUDA build raising something else
-        return None
-    return causal_conv1d_fn, selective_scan_fn
-
-
-@functools.lru_cache(maxsize=1)
-def _mamba2_kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., Any]] | None:
-    """(causal_conv1d_fn, mamba_chunk_scan_combined) if both packages import, else None. Tried once."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # ImportError, or a broken CUDA / Triton build raising something else
-        return None
-    return causal_conv1d_fn, mamba_chunk_scan_combined
-
-
-_FORCE_REFERENCE = False  # set by `reference_path()`
-
-
-def kernels_available(kind: str) -> bool:
-    """Whether the CUDA kernels of layer type `kind` ("mamba" or "mamba2") import here."""
-    return (_mamba2_kernels() if kind == "mamba2" else _mamba_kernels()) is not None
-
-
-@contextlib.contextmanager
-def reference_path() -> Iterator[None]:
-    """Within this block, Mamba / Mamba2 mixers run the PyTorch reference path even for CUDA inputs."""
-    global _FORCE_REFERENCE
-    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
-    try:
-        yield
-    finally:
-        _FORCE_REFERENCE = previous
-
-
-def _kernel_inputs(hidden_states: torch.Tensor) -> bool:
-    """Whether the CUDA kernels may take these inputs: CUDA, not float64 (which they do not support), and not
-    inside `reference_path()`."""
-    return hidden_states.is_cuda and hidden_states.dtype != torch.float64 and not _FORCE_REFERENCE
-
-
-def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    initial_state: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Readable PyTorch selective scan with mamba-ssm's `selective_scan_fn` signature and semantics.
-
-    Shapes: u, delta, z (batch, d, L); A (d, n); B, C (batch, n, L); D, delta_bias (d,). Computed in fp32; the
-    discretisation is vectorised over the sequence, only the recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t
-    loops over time. Returns y (batch, d, L) in u's dtype, and with `return_last_state` also the final state h_L
-    (batch, d, n) in fp32. `initial_state` (batch, d, n), an extension of ours, is h_0 (zeros when None).
-    float64 inputs are computed in float64 (see `compute_dtype`).
-    """
-    dtype_in = u.dtype
-    ct = compute_dtype(u)
-    u, delta, B, C = u.to(ct), delta.to(ct), B.to(ct), C.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    delta_A = torch.exp(delta.unsqueeze(-1) * A.to(ct)[:, None, :])  # (b, d, L, n)
-    delta_B_u = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # (b, d, L, n)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(ct)
-    ys = []
-    for t in range(u.shape[-1]):
-        h = delta_A[:, :, t] * h + delta_B_u[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + u * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    return (y.to(dtype_in), h) if return_last_state else y.to(dtype_in)
-
-
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype the scans, steps and gated norm compute in: fp32 for 16- and 32-bit inputs, as mamba-ssm does,
-    and float64 for float64 inputs, so that a float64 run separates a logic error from rounding."""
-    return torch.promote_types(tensor.dtype, torch.float32)
-
-
-def _segsum(x: torch.Tensor) -> torch.Tensor:
-    """out[..., i, j] = sum(x[..., j+1 : i+1]) for j <= i, -inf above the diagonal (mamba-ssm's stable segsum)."""
-    length = x.shape[-1]
-    x = x[..., None].expand(*x.shape, length)  # x[..., i, j] = x[..., i]
-    below = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
-    x_segsum = x.masked_fill(~below, 0).cumsum(dim=-2)
-    on_or_below = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    return x_segsum.masked_fill(~on_or_below, -torch.inf)
-
-
-def ssd_chunk_scan_reference(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    D: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    initial_states: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    return_final_states: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan (mamba-ssm's `ssd_minimal_discrete`) with `mamba_chunk_scan_combined`'s signature subset.
-
-    Shapes: x (batch, L, heads, headdim); dt (batch, L, heads); A, D, dt_bias (heads,); B, C (batch, L, groups,
-    d_state), shared by heads // groups consecutive heads; initial_states (batch, heads, headdim, d_state).
-    The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ, y_t = h_t C_t + D x_t is computed in fp32 (float64
-    for float64 inputs) as quadratic attention-like blocks within chunks of `chunk_size` plus a state passed
-    between chunks; L is padded up to a multiple of chunk_size (the padding has dt·A = 0 and x = 0, so it changes
-    no state).
-    Returns y (batch, L, heads, headdim) in x's dtype, and with `return_final_states` also h_L (batch, heads,
-    headdim, d_state) in the compute dtype.
-    """
-    batch, length, heads, _ = x.shape
-    dtype_in = x.dtype
-    ct = compute_dtype(x)
-    dt = dt.to(ct)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(ct)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    rep = heads // B.shape[2]
-    B = B.to(ct).repeat_interleave(rep, dim=2)  # (b, L, h, n)
-    C = C.to(ct).repeat_interleave(rep, dim=2)
-    X = x.to(ct) * dt[..., None]  # x scaled by dt
-    A_dt = A.to(ct) * dt  # (b, L, h)
-    pad = (-length) % chunk_size
-    if pad:
-        X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
-        A_dt = F.pad(A_dt, (0, 0, 0, pad))
-    chunks = (length + pad) // chunk_size
-    X, B, C = (t.reshape(batch, chunks, chunk_size, heads, -1) for t in (X, B, C))  # (b, c, l, h, ·)
-    A_dt = A_dt.reshape(batch, chunks, chunk_size, heads).permute(0, 3, 1, 2)  # (b, h, c, l)
-    A_cumsum = A_dt.cumsum(dim=-1)
-
-    # 1. Within each chunk: y_i = sum_{j <= i} C_i·B_j exp(A_i + ... + A_{j+1}) X_j.
-    decay = torch.exp(_segsum(A_dt))  # (b, h, c, l, s)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, X)
-    # 2. The state each chunk ends with, starting from zero.
-    decay_states = torch.exp(A_cumsum[..., -1:] - A_cumsum)  # (b, h, c, l)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
-    # 3. Pass states between chunks: the state entering chunk c, and the final one.
-    if initial_states is None:
-        initial_states = torch.zeros_like(states[:, :1])
-    else:
-        initial_states = initial_states.to(ct)[:, None]
-    states = torch.cat([initial_states, states], dim=1)  # (b, c+1, h, p, n)
-    decay_chunk = torch.exp(_segsum(F.pad(A_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
-    states, final_state = new_states[:, :-1], new_states[:, -1]
-    # 4. Each chunk's output from the state entering it.
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cumsum))
-    y = (y_diag + y_off).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
-    if D is not None:
-        y = y + x.to(ct) * D.to(ct)[:, None]
-    y = y.to(dtype_in)
-    return (y, final_state) if return_final_states else y
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -418,16 +239,13 @@ def _short_conv(
     layer_idx: int,
     cache: XatlCache | None,
     padding_mask: torch.Tensor | None,
-    conv_kernel: Callable[..., torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The Mamba / Mamba2 short convolution: silu(causal depthwise conv) over x (batch, channels, L).
+    """The Mamba / Mamba2 short convolution (reference path): silu(causal depthwise conv) over x (batch, channels, L).
 
     Padded positions are zeroed before and after, so they add no state. With a cache it continues from the
-    cached window and leaves the newest d_conv inputs there. `conv_kernel` (causal_conv1d_fn) is used only when
-    there is no earlier window to continue from.
+    cached window and leaves the newest d_conv inputs there.
     """
-    if padding_mask is not None:
-        x = x * padding_mask[:, None, :].to(x.dtype)
+    x = _masked(x, padding_mask)
     previous = None
     if cache is not None:
         conv_state = cache.conv_states[layer_idx]
@@ -435,13 +253,38 @@ def _short_conv(
             previous = conv_state[..., 1:]
         width = conv.kernel_size[0]
         cache.conv_states[layer_idx] = torch.cat([conv_state, x.to(conv_state.dtype)], -1)[..., -width:]
-    if conv_kernel is not None and previous is None:
-        x = conv_kernel(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+    return _masked(_causal_conv_silu(x, conv, previous), padding_mask)
+
+
+def _masked(x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """x (batch, channels, L) with padded positions zeroed (padding_mask (batch, L), 1 = token)."""
+    return x if padding_mask is None else x * padding_mask[:, None, :].to(x.dtype)
+
+
+def _short_conv_kernels(
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    layer_idx: int,
+    cache: XatlCache | None,
+    padding_mask: torch.Tensor | None,
+    ops: KernelSet,
+) -> torch.Tensor:
+    """The kernel call path's short convolution, as mamba-ssm's modules call causal-conv1d.
+
+    x (batch, channels, L). Without earlier tokens: `causal_conv1d_fn` over a contiguous (channel-first) x, the
+    cache's window set to the last d_conv inputs. After earlier tokens (one decoding step or a chunk continuing a
+    cached prefix): `causal_conv1d_update`, which continues from the cached window and shifts it in place.
+    """
+    x = _masked(x, padding_mask)
+    weight = conv.weight.squeeze(1)  # (channels, 1, width) -> (channels, width)
+    if cache is not None and cache.seen_tokens > 0:
+        x = ops.causal_conv1d_update(x, cache.conv_states[layer_idx], weight, conv.bias, "silu")
     else:
-        x = _causal_conv_silu(x, conv, previous)
-    if padding_mask is not None:
-        x = x * padding_mask[:, None, :].to(x.dtype)
-    return x
+        if cache is not None:  # mamba-ssm: conv_state.copy_(F.pad(x, (d_conv - L, 0)))
+            conv_state = cache.conv_states[layer_idx]
+            conv_state.copy_(F.pad(x, (conv_state.shape[-1] - x.shape[-1], 0)))
+        x = ops.causal_conv1d_fn(x.contiguous(), weight, conv.bias, activation="silu")
+    return _masked(x, padding_mask)
 
 
 def _make_norm(config: XatlConfig, width: int | None = None) -> nn.Module:
@@ -686,7 +529,8 @@ def uses_rope(config: XatlConfig, layer_idx: int) -> bool:
 class XatlMamba(nn.Module):
     """Selective SSM mixer with mamba-ssm's Mamba (v1) parameter names and shapes.
 
-    Runs the mamba-ssm / causal-conv1d kernels for CUDA inputs when they import, else `selective_scan_reference`.
+    Two paths (see `kernels_xatl.kernels_for`): the kernel call path (`_forward_kernels`) where a kernel serves the
+    inputs, else the readable reference path (`selective_scan_reference`).
     """
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
@@ -716,12 +560,12 @@ class XatlMamba(nn.Module):
         With a cache, continues from its states and leaves the final ones there: one new token takes mamba-ssm's
         single-step update (O(1), the prefix is never re-read); several run the scan from the cached state.
         """
+        ops = kernels_for(hidden_states)
+        if ops is not None:
+            return self._forward_kernels(hidden_states, padding_mask, cache, ops)
         length = hidden_states.shape[1]
-        fresh = cache is None or cache.seen_tokens == 0  # no earlier state: the kernels apply
-        kernels = _mamba_kernels() if _kernel_inputs(hidden_states) else None
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
-        conv_kernel = kernels[0] if kernels is not None else None
-        x = _short_conv(x, self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
+        x = _short_conv(x, self.conv1d, self.layer_idx, cache, padding_mask)
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); the bias is added in the scan
@@ -738,19 +582,72 @@ class XatlMamba(nn.Module):
             y = (y * F.silu(z[..., 0].to(ct))).to(x.dtype)[..., None]
             cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
             return self.out_proj(y.transpose(1, 2))
-        scan_kwargs: dict[str, Any] = {"z": z, "delta_bias": self.dt_proj.bias.to(ct), "delta_softplus": True}
-        if cache is not None:
-            scan_kwargs["return_last_state"] = True
-        if kernels is not None and fresh:
-            scan = kernels[1]
-        else:
-            scan = selective_scan_reference
-            if not fresh:
-                scan_kwargs["initial_state"] = cache.ssm_states[self.layer_idx]
-        y = scan(x, dt, A, B, C, self.D.to(ct), **scan_kwargs)
+        y = selective_scan_reference(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            self.D.to(ct),
+            z=z,
+            delta_bias=self.dt_proj.bias.to(ct),
+            delta_softplus=True,
+            return_last_state=cache is not None,
+            initial_state=cache.ssm_states[self.layer_idx] if cache is not None and cache.seen_tokens > 0 else None,
+        )
         if cache is not None:
             y, last_state = y
             cache.ssm_states[self.layer_idx] = last_state.to(cache.ssm_states[self.layer_idx].dtype)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _forward_kernels(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None, cache: XatlCache | None, ops: KernelSet
+    ) -> torch.Tensor:
+        """The kernel call path: mamba-ssm's Mamba.forward (non-fused) and Mamba.step, call for call.
+
+        Without earlier tokens: causal_conv1d_fn, then selective_scan_fn (raw dt; the fp32 bias and the softplus are
+        applied in the kernel), the cache taking its last state. After earlier tokens: causal_conv1d_update, then
+        one selective_state_update per new token (mamba-ssm's scan kernel takes no initial state).
+        """
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
+        x = _short_conv_kernels(x, self.conv1d, self.layer_idx, cache, padding_mask, ops)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L), before bias and softplus
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state), fp32
+        if cache is not None and cache.seen_tokens > 0:
+            state = cache.ssm_states[self.layer_idx]  # (b, d_inner, d_state), updated in place
+            steps = [
+                ops.selective_state_update(
+                    state,
+                    x[..., t],
+                    dt[..., t],
+                    A,
+                    B[:, t],
+                    C[:, t],
+                    self.D,
+                    z=z[..., t],
+                    dt_bias=self.dt_proj.bias,
+                    dt_softplus=True,
+                )
+                for t in range(x.shape[-1])
+            ]
+            y = torch.stack(steps, dim=-1)
+        else:
+            y = ops.selective_scan_fn(
+                x,
+                dt,
+                A,
+                B.transpose(1, 2).contiguous(),  # (b, d_state, L)
+                C.transpose(1, 2).contiguous(),
+                self.D.float(),
+                z=z,
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+                return_last_state=cache is not None,
+            )
+            if cache is not None:
+                y, last_state = y
+                cache.ssm_states[self.layer_idx].copy_(last_state)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -760,8 +657,7 @@ class XatlMamba2(nn.Module):
     in_proj rows are [z (d_inner), x (d_inner), B (ngroups * d_state), C (ngroups * d_state), dt (nheads)];
     conv1d is depthwise over x‖B‖C (conv_dim channels) followed by SiLU; B and C are shared by nheads / ngroups
     consecutive heads; the output is out_proj(rmsnorm(y * silu(z))), the norm taken per group of d_inner / ngroups
-    channels. Runs mamba-ssm's `mamba_chunk_scan_combined` and causal-conv1d for CUDA inputs when they import, else
-    `ssd_chunk_scan_reference`.
+    channels. Two paths, as `XatlMamba`: the kernel call path (`_forward_kernels`) or `ssd_chunk_scan_reference`.
     """
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
@@ -789,12 +685,13 @@ class XatlMamba2(nn.Module):
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
         """As `XatlMamba.forward`: padding zeroed; with a cache, one token takes mamba-ssm's Mamba2.step."""
+        ops = kernels_for(hidden_states)
+        if ops is not None:
+            return self._forward_kernels(hidden_states, padding_mask, cache, ops)
         b, length, _ = hidden_states.shape
         fresh = cache is None or cache.seen_tokens == 0
-        kernels = _mamba2_kernels() if _kernel_inputs(hidden_states) else None
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        conv_kernel = kernels[0] if kernels is not None else None
-        xBC = _short_conv(xBC.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask, conv_kernel)
+        xBC = _short_conv(xBC.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask)
         n_bc = self.ngroups * self.d_state
         x, B, C = xBC.transpose(1, 2).split([self.d_inner, n_bc, n_bc], dim=-1)
         x = x.reshape(b, length, self.nheads, self.headdim)
@@ -815,8 +712,7 @@ class XatlMamba2(nn.Module):
             cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
             y = y.to(x.dtype)[:, None]
         else:
-            scan = kernels[1] if kernels is not None else ssd_chunk_scan_reference
-            y = scan(
+            y = ssd_chunk_scan_reference(
                 x,
                 dt,
                 A,
@@ -834,6 +730,55 @@ class XatlMamba2(nn.Module):
                 cache.ssm_states[self.layer_idx] = final_state.to(cache.ssm_states[self.layer_idx].dtype)
         y = self.norm(y.reshape(b, length, self.d_inner), z)
         return self.out_proj(y)
+
+    def _forward_kernels(
+        self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None, cache: XatlCache | None, ops: KernelSet
+    ) -> torch.Tensor:
+        """The kernel call path: mamba-ssm's Mamba2.forward (non-fused, z gated by the norm) and Mamba2.step.
+
+        The conv as `_short_conv_kernels`; then one token after earlier ones takes selective_state_update in the
+        multi-head layout (A, dt, dt_bias and D broadcast over headdim, as Mamba2.step); anything else takes
+        mamba_chunk_scan_combined (raw dt, fp32 A), from the cached state when continuing a prefix.
+        """
+        b, length, _ = hidden_states.shape
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = _short_conv_kernels(xBC.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask, ops)
+        n_bc, heads, p, n = self.ngroups * self.d_state, self.nheads, self.headdim, self.d_state
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, n_bc, n_bc], dim=-1)  # (b, L, ·)
+        A = -torch.exp(self.A_log.float())  # (nheads,), fp32
+        continuing = cache is not None and cache.seen_tokens > 0
+        if continuing and length == 1:
+            y = ops.selective_state_update(
+                cache.ssm_states[self.layer_idx],  # (b, nheads, headdim, d_state), updated in place
+                x[:, 0].reshape(b, heads, p),
+                dt[:, 0, :, None].expand(b, heads, p),
+                A[:, None, None].expand(heads, p, n),
+                B[:, 0].reshape(b, self.ngroups, n),
+                C[:, 0].reshape(b, self.ngroups, n),
+                self.D[:, None].expand(heads, p),
+                z=None,
+                dt_bias=self.dt_bias[:, None].expand(heads, p),
+                dt_softplus=True,
+            )
+        else:
+            y = ops.mamba_chunk_scan_combined(
+                x.reshape(b, length, heads, p),
+                dt,
+                A,
+                B.reshape(b, length, self.ngroups, n),
+                C.reshape(b, length, self.ngroups, n),
+                chunk_size=self.chunk_size,
+                D=self.D,
+                z=None,
+                dt_bias=self.dt_bias,
+                initial_states=cache.ssm_states[self.layer_idx] if continuing else None,
+                dt_softplus=True,
+                return_final_states=cache is not None,
+            )
+            if cache is not None:
+                y, final_state = y
+                cache.ssm_states[self.layer_idx].copy_(final_state)
+        return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
 
 
 class XatlBlock(GradientCheckpointingLayer):
@@ -1227,7 +1172,9 @@ __all__ = [
     "compute_default_rope_parameters",
     "compute_dtype",
     "init_xatl_weights",
+    "kernel_path",
     "kernels_available",
+    "kernels_for",
     "new_cache",
     "reference_path",
     "rope_inv_freq",
