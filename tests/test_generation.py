@@ -156,4 +156,3 @@ def test_forward_without_use_cache_returns_no_cache_and_rejects_two_caches() -> 
         out = model(ids, use_cache=True)
         with pytest.raises(ValueError, match="once"):
             model(ids[:, :1], cache=out.cache, past_key_values=new_cache(model, 1))
-
