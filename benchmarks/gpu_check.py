@@ -6,8 +6,10 @@
 
 `run` converts the shipped example checkpoint (to Mamba, to Mamba2 with the attention-informed init, and to the
 paper's hybrid) and a pythia-160m-shaped random GPT-NeoX (to Mamba and Mamba2), then runs `xatl verify` on each
-with the given device. On CUDA with mamba-ssm importable, verify adds the kernel-against-reference checks (relative
-error ≤ 1e-3 in fp32, ≤ 2e-2 in bf16, with timings). Everything lands in one JSON file.
+with the given device; verify's kernel row runs every kernel call site against the reference path (relative error
+≤ 1e-3 in fp32, ≤ 2e-2 in bf16), on the real kernels on CUDA. Then `kernel_timing` takes one 1B-shaped mixer of
+each kind (hidden 2048, d_inner 4096): every call site compared again, and a bf16 prefill and decoding timed on the
+kernel path against the reference path (the ratio is the kernels' speed-up). Everything lands in one JSON file.
 
 `patch-sources` unpacks the carried mamba-ssm and causal-conv1d sdists and limits their CUDA builds to one
 architecture: their setup.py compiles for about ten (sm_75 … sm_121), which takes far longer than one.
@@ -94,6 +96,11 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
             passed &= report.passed
             for check in report.checks:
                 print(f"{name:40s} {check.name:45s} {check.status:5s} {check.value}", flush=True)
+        timing = kernel_timing(device, quick)
+        results["kernel_timing"] = timing
+        passed &= all(kind["call_sites_passed"] for kind in timing.values())
+        for kind, measured in timing.items():
+            print(f"{'1B-shaped ' + kind:40s} {measured}", flush=True)
         if device == "cuda":
             exported = mamba_ssm_export_check(Path(work))
             results["mamba_ssm_export"] = exported
@@ -104,6 +111,62 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return passed
+
+
+def kernel_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
+    """One mixer of each LCI kind at a 1B model's width (Llama-3.2-1B / pythia-1b: hidden 2048, d_inner 4096;
+    Mamba2 d_state 128, headdim 64): every kernel call site against the reference path, then bf16 prefill (1 × 2048
+    tokens) and decoding (64 single-token steps) timed on both paths. --quick (the CPU dry run): a small shape."""
+    import torch
+
+    from xatl_convert.models import XatlCache, XatlConfig, XatlForCausalLM
+    from xatl_convert.models.kernels_xatl import kernel_path
+    from xatl_convert.verify.kernel_sites import compare_call_sites, used_kernels
+
+    hidden, prefill, steps = (256, 330, 8) if quick else (2048, 2048, 64)
+    results: dict[str, dict[str, object]] = {}
+    for kind in ("mamba", "mamba2"):
+        config = XatlConfig(vocab_size=256, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=1,
+                            num_attention_heads=hidden // 64, layer_types=[kind],
+                            mamba2={"d_state": 128, "headdim": 64, "chunk_size": 256})  # fmt: skip
+        torch.manual_seed(0)
+        mixer = XatlForCausalLM(config).model.layers[0].mixer.to(device).eval()
+        sample = torch.randn(2, 330, hidden, device=device)
+        comparisons = compare_call_sites(mixer, config, sample)
+        mixer = mixer.to(torch.bfloat16)
+        tokens = torch.randn(1, prefill + steps, hidden, device=device, dtype=torch.bfloat16)
+        measured: dict[str, object] = {
+            "kernels": used_kernels(torch.device(device)),
+            "call_sites_passed": all(c.passed for c in comparisons),
+            "worst_call_site": max((c.error, c.scenario, str(c.dtype)) for c in comparisons),
+        }
+        for path in ("kernels", "reference"):
+            with kernel_path(path), torch.no_grad():
+                mixer(tokens[:, :prefill])  # warm-up (Triton compiles here)
+                start = _synchronized_clock(device)
+                mixer(tokens[:, :prefill])
+                prefill_ms = 1000 * (_synchronized_clock(device) - start)
+                cache = XatlCache(config, 1, dtype=torch.bfloat16, device=device)
+                mixer(tokens[:, :prefill], cache=cache)
+                cache.seen_tokens = prefill
+                start = _synchronized_clock(device)
+                for t in range(prefill, prefill + steps):
+                    mixer(tokens[:, t : t + 1], cache=cache)
+                    cache.seen_tokens = t + 1
+                step_ms = 1000 * (_synchronized_clock(device) - start) / steps
+            measured[f"{path}_prefill_ms"], measured[f"{path}_step_ms"] = round(prefill_ms, 2), round(step_ms, 3)
+        measured["prefill_speedup"] = round(measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2)
+        measured["step_speedup"] = round(measured["reference_step_ms"] / measured["kernels_step_ms"], 2)
+        results[kind] = measured
+    return results
+
+
+def _synchronized_clock(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def mamba_ssm_export_check(work: Path) -> dict[str, object]:

@@ -58,3 +58,15 @@ def test_patch_sources_refuses_a_setup_py_it_does_not_recognise(tmp_path: Path, 
     monkeypatch.setattr(gpu_check, "DEPS", deps)
     with pytest.raises(SystemExit, match="marker not found"):
         gpu_check.patch_sources("90", tmp_path / "build")
+
+
+def test_kernel_timing_dry_run_compares_every_call_site_and_times_both_paths() -> None:
+    timing = _load_gpu_check().kernel_timing("cpu", quick=True)
+    assert set(timing) == {"mamba", "mamba2"}
+    for measured in timing.values():
+        assert measured["kernels"] == "stand-ins on cpu"
+        assert measured["call_sites_passed"] is True
+        assert measured["kernels_prefill_ms"] > 0 and measured["reference_step_ms"] > 0
+        assert measured["prefill_speedup"] == round(
+            measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2
+        )

@@ -389,6 +389,9 @@ def test_our_fallback_for_older_transformers_has_the_same_effect(monkeypatch) ->
     assert calls == ["causal_conv1d_fn"]
     plain = kx._own_fallback("selective_scan_fn", "mamba_ssm")(kx.selective_scan_fn)  # not installed: stand-in
     assert plain(*_scan_args()).shape == (2, 6, 9)
+    monkeypatch.setitem(sys.modules, "transformers.integrations", types.ModuleType("transformers.integrations"))
+    kx._installed_dispatch("causal_conv1d_fn")(x, weight, bias, activation="silu")  # transformers 5.0 had no mechanism
+    assert calls == ["causal_conv1d_fn", "causal_conv1d_fn"]
 
 
 FAKE_HUB_KERNEL = """

@@ -429,7 +429,7 @@ def _installed_dispatch(name: str) -> Callable[..., Any]:
     first use, so that importing this module never imports mamba-ssm (or Triton)."""
     try:
         from transformers.integrations import use_kernel_func_from_hub_with_fallback as with_fallback
-    except ImportError:
+    except (ImportError, AttributeError):  # transformers before the mechanism existed
         with_fallback = _own_fallback
     package, module = KERNEL_MODULES[name]
     return with_fallback(name, package, module)(STAND_INS[name])
