@@ -465,3 +465,19 @@ def test_an_unavailable_hub_kernel_falls_back_with_one_warning(tmp_path, monkeyp
 def test_the_hub_kernels_setting(value: str, expected, monkeypatch) -> None:
     monkeypatch.setenv(kx.HUB_KERNELS_ENV, value)
     assert kx.hub_kernels_setting() == expected
+
+
+def test_a_long_memory_mamba_continues_a_prefix_in_bf16_as_the_scan_does() -> None:
+    """Found on OLMo2's raw (post-norm) inputs: 120 steps through a bf16 state drifted by 7e-2 from the scan. The
+    chunk's running state stays fp32 and is rounded once, as the reference scan rounds it."""
+    torch.manual_seed(0)
+    model = XatlForCausalLM(config_for("mamba")).eval()
+    mixer = model.model.layers[0].mixer
+    with torch.no_grad():
+        mixer.A_log.fill_(-4.6)  # A = -0.01: states decay slowly, so every rounding stays in them
+    (continued,) = [
+        c
+        for c in compare_call_sites(mixer, model.config, 4 * _hidden(), dtypes=(torch.bfloat16,))
+        if c.scenario == "continue a cached prefix"
+    ]
+    assert continued.error <= 5e-3, continued.error

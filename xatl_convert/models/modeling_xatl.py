@@ -618,9 +618,12 @@ class XatlMamba(nn.Module):
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state), fp32
         if cache is not None and cache.seen_tokens > 0:
             state = cache.ssm_states[self.layer_idx]  # (b, d_inner, d_state), updated in place
+            # One step updates the cache's state in place, as Mamba.step. A chunk keeps its running state in fp32
+            # and rounds it once, as a scan does: 100 steps through a bf16 state drift by several percent.
+            running = state if x.shape[-1] == 1 else state.float()
             steps = [
                 ops.selective_state_update(
-                    state,
+                    running,
                     x[..., t],
                     dt[..., t],
                     A,
@@ -633,6 +636,8 @@ class XatlMamba(nn.Module):
                 )
                 for t in range(x.shape[-1])
             ]
+            if running is not state:
+                state.copy_(running)
             y = torch.stack(steps, dim=-1)
         else:
             y = ops.selective_scan_fn(

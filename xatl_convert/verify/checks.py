@@ -24,14 +24,13 @@ from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.sources.checkpoint import open_checkpoint
 from xatl_convert.verify.audit import TensorAudit
-from xatl_convert.verify.passes import Progress, Run, next_token_loss, uniform_loss
-from xatl_convert.verify.readers import CheckpointTensors
+from xatl_convert.verify.kernel_sites import SITE_TOKENS
+from xatl_convert.verify.passes import ConvertedPass, Progress, Run, next_token_loss, uniform_loss
 from xatl_convert.verify.report import CheckResult, VerifyReport
-from xatl_convert.verify.streaming import StreamedModel, return_freed_blocks_to_the_os
+from xatl_convert.verify.streaming import return_freed_blocks_to_the_os
 from xatl_convert.verify.twin import run_twin
 
 SAMPLE_TOKENS = 256
-SITE_TOKENS = 330  # the kernel call-site check: crosses a 256-token Mamba2 chunk in the prefill and the continuation
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -97,7 +96,7 @@ def verify(
         report.checks.append(twin.result)
         errors = converted.decode_errors if converted is not None else []
         report.checks.append(check_incremental_decoding(errors, run, cannot_run))
-        report.checks.extend(check_kernels_against_reference(run, tensors, cannot_run))
+        report.checks.extend(check_kernels_against_reference(run, converted, cannot_run))
     return report
 
 
@@ -207,41 +206,38 @@ def check_incremental_decoding(errors: list[float], run: Run, cannot_run: str | 
 
 
 def check_kernels_against_reference(
-    run: Run, tensors: SourceCheckpoint, cannot_run: str | None = None
+    run: Run, converted: ConvertedPass | None, cannot_run: str | None = None
 ) -> list[CheckResult]:
-    """(g) Each LCI mixer type's kernel call path against its reference path, on the first layer of that type:
-    every call site (prefill, cached prefill, continuation, steps, padding) in fp32 and bf16. On CUDA with
-    mamba-ssm / causal-conv1d (or Hub kernels) the real kernels run; elsewhere their signature-identical stand-ins
-    do, and the row says which."""
-    from xatl_convert.verify.kernel_sites import compare_call_sites, scenarios, used_kernels
+    """(g) Each LCI mixer type's kernel call path against its reference path, on the first layer of that type and
+    its real input from the sample (see `kernel_sites`): every call site (prefill, cached prefill, continuation,
+    steps, padding) in fp32 and bf16. On CUDA with mamba-ssm / causal-conv1d (or Hub kernels) the real kernels
+    run; elsewhere their signature-identical stand-ins do, and the row says which."""
+    from xatl_convert.verify.kernel_sites import scenarios, used_kernels
 
     config = run.config
-    results = []
-    stream = StreamedModel(run.xatl_skeleton(), CheckpointTensors(tensors), config.num_hidden_layers, run.device)
     used = used_kernels(run.device)
     bound = "fp32 ≤ 1e-3, bf16 ≤ 2e-2"
+    results = []
     for kind in sorted(set(config.layer_types) - {"attention"}):
         name = f"{kind} kernel call sites = reference"
-        if cannot_run is not None:
-            results.append(_skipped(name, bound, cannot_run))
+        if converted is None or kind not in converted.call_sites:
+            first = config.layer_types.index(kind)
+            reason = cannot_run or f"the first {kind} layer ({first}) is beyond --layers {run.checked_layers}"
+            results.append(_skipped(name, bound, reason))
             continue
-        index = config.layer_types.index(kind)
-        generator = torch.Generator(device=run.device).manual_seed(0)
-        tokens = SITE_TOKENS
-        hidden = torch.randn(2, tokens, config.hidden_size, device=run.device, generator=generator)
-        with stream.loaded(f"model.layers.{index}") as block:
-            comparisons = compare_call_sites(block.mixer, config, hidden)
+        index, comparisons = converted.call_sites[kind]
         worst = max(comparisons, key=lambda c: (not c.passed, c.error / c.bound))
         dtype = str(worst.dtype).removeprefix("torch.")
         if worst.refused is not None:
             value = f"{worst.scenario} ({dtype}) refused: {worst.refused}"
         else:
             value = f"worst {worst.scenario} ({dtype}): {worst.error:.1e}"
+        tokens = SITE_TOKENS
         details = {
             "kernels": used,
             "layer": index,
-            "tokens": tokens,
-            "scenarios": {name: segments for name, (segments, _, _) in scenarios(tokens).items()},
+            "input": f"layer {index}'s normed input on the sample, repeated to {tokens} tokens, batch of 2",
+            "scenarios": {scenario: segments for scenario, (segments, _, _) in scenarios(tokens).items()},
             "comparisons": [
                 {
                     "scenario": c.scenario,
@@ -255,15 +251,8 @@ def check_kernels_against_reference(
                 for c in comparisons
             ],
         }
-        results.append(
-            CheckResult(
-                name,
-                "pass" if all(c.passed for c in comparisons) else "fail",
-                f"{value} over {len(comparisons)} runs; {used}",
-                bound,
-                details,
-            )
-        )
+        status = "pass" if all(c.passed for c in comparisons) else "fail"
+        results.append(CheckResult(name, status, f"{value} over {len(comparisons)} runs; {used}", bound, details))
     return results
 
 

@@ -23,6 +23,7 @@ from xatl_convert.models.kernels_xatl import kernel_path, kernels_for
 
 # (first token, end token) segments; a cache is kept across the segments of one scenario.
 PREFIX, CHUNK, STEPS = 200, 120, 3
+SITE_TOKENS = 330  # enough for every scenario; the prefill and the continuation cross a 256-token Mamba2 chunk
 BOUNDS = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # relative, outputs and final states alike
 
 
@@ -93,6 +94,15 @@ def compare_call_sites(
     return results
 
 
+def site_inputs(normed: torch.Tensor, tokens: int = SITE_TOKENS) -> torch.Tensor:
+    """(2, tokens, hidden) mixer inputs from a real one (1, L, hidden): the sequence repeated to `tokens` (enough
+    for every scenario, and to cross a 256-token Mamba2 chunk), and a second row rolled by a third of it, so the
+    batch's rows differ. Real activations keep the scale and outliers a checkpoint's mixers see."""
+    sequence = normed[0]
+    sequence = sequence.repeat(-(-tokens // sequence.shape[0]), 1)[:tokens]
+    return torch.stack([sequence, sequence.roll(tokens // 3, dims=0)])
+
+
 def used_kernels(device: torch.device) -> str:
     """Which implementation the kernel call path had on `device`, in a few words (per function where they differ)."""
     with kernel_path("kernels"):
@@ -149,4 +159,4 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want).norm().item() / max(scale, 1e-30)
 
 
-__all__ = ["BOUNDS", "SiteComparison", "compare_call_sites", "scenarios", "used_kernels"]
+__all__ = ["BOUNDS", "SITE_TOKENS", "SiteComparison", "compare_call_sites", "scenarios", "site_inputs", "used_kernels"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.models.modeling_xatl import XatlCache, causal_attention_mask
+from xatl_convert.verify.kernel_sites import SiteComparison, compare_call_sites, site_inputs
 from xatl_convert.verify.readers import InitialisedTensors
 from xatl_convert.verify.streaming import LayerCall, StreamedModel, TensorReader, relative_error
 
@@ -44,11 +45,13 @@ BOUNDS = {torch.float32: Bounds(twin=1e-4, decode=1e-4), torch.float64: Bounds(t
 
 @dataclass
 class ConvertedPass:
-    """What the converted model's pass leaves: its logits (None with --layers) and per-block decoding errors."""
+    """What the converted model's pass leaves: its logits (None with --layers), per-block decoding errors, and
+    the kernel call-site comparisons of the first block of each LCI mixer type (layer index, comparisons)."""
 
     logits: torch.Tensor | None
     decode_errors: list[float] = field(default_factory=list)
     peak_unit_bytes: int = 0
+    call_sites: dict[str, tuple[int, list[SiteComparison]]] = field(default_factory=dict)
 
 
 Progress = Callable[[str, int, int], None]  # (pass, blocks started, blocks in the pass)
@@ -90,14 +93,20 @@ class Run:
         """The converted model's forward, its tensors from `read`; each block, while loaded, also decodes the
         sample incrementally."""
         decode_errors: list[float] = []
+        call_sites: dict[str, tuple[int, list[SiteComparison]]] = {}
 
         def decode(call: LayerCall) -> None:
             decode_errors.append(incremental_decoding_error(call, self.config))
+            kind = self.config.layer_types[call.index]
+            if kind != "attention" and kind not in call_sites:  # the first block of each LCI type, on its real input
+                with torch.no_grad():
+                    normed = call.block.mixer_input(call.hidden_states)
+                call_sites[kind] = (call.index, compare_call_sites(call.block.mixer, self.config, site_inputs(normed)))
 
         model = self.xatl_skeleton()
         stream = self.stream("converted model", model, read, self.config.num_hidden_layers)
         logits = stream.forward(self.input_ids, on_layer=decode, layers=self.layers)
-        return ConvertedPass(logits, decode_errors, stream.peak_unit_bytes)
+        return ConvertedPass(logits, decode_errors, stream.peak_unit_bytes, call_sites)
 
     def scratch_loss(self, seed: int) -> float:
         """Loss of a from-scratch model of the same config, initialised module by module as convert would."""
