@@ -2,8 +2,8 @@
 
 Converts the real model (benchmarks/real_model.py builds it) to Mamba and Mamba2, in bf16 and fp32, verifies
 each, and prints every check; then injects the bugs verify must catch (a wrong cache update, a transposed
-transfer, a lost norm offset, all in the first blocks) and prints the error each gives against the rounding of
-the clean run, measured in the same run: the margin is their ratio.
+transfer, a lost norm offset, all in the first blocks; B and C swapped at the selective-scan call site) and prints
+the error each gives against the rounding of the clean run, measured in the same run: the margin is their ratio.
 
     python benchmarks/verify_real_model.py
 """
@@ -19,11 +19,13 @@ import torch
 
 from benchmarks.real_model import WORK, build
 from xatl_convert.conversion import convert
-from xatl_convert.models import modeling_xatl
+from xatl_convert.models import kernels_xatl, modeling_xatl
 from xatl_convert.verify import verify
 from xatl_convert.verify.readers import PlannedTensors
+from xatl_convert.verify.report import CheckResult
 
 TWIN, DECODING = "source twin = source", "incremental decoding = full forward"
+KERNELS = "mamba kernel call sites = reference"
 CASES = [("mamba", None), ("mamba", torch.float32), ("mamba2", None), ("mamba2", torch.float32)]
 
 
@@ -44,10 +46,33 @@ def main() -> None:
     for label, check, patch in _bugs():
         with patch:
             result = verify(out, layers=4).check(check)
-        error = result.details.get("first_divergence", {}).get("error", 0.0)
-        rounding = clean.check(check).details["worst"]["error"] or 1e-12
-        where = result.details.get("first_divergence", {}).get("where", "-")
+        error, where = _divergence(result)
+        rounding = _divergence(clean.check(check))[0] or 1e-12
         print(f"  {label:28} {result.status:5} at {where:8} error {error:.2e}  margin x{error / rounding:.1e}")
+
+
+def _divergence(result: CheckResult) -> tuple[float, str]:
+    """The error a check measured where it diverged (its worst value when it passed), and where."""
+    if result.name == KERNELS:  # per scenario and dtype, not per layer
+        worst = max(result.details["comparisons"], key=lambda c: c["relative_error"])
+        return worst["relative_error"], f"{worst['scenario']} ({worst['dtype']})" if result.status == "fail" else "-"
+    divergence = result.details.get("first_divergence")
+    if divergence is None:
+        return result.details["worst"]["error"], "-"
+    return divergence["error"], divergence["where"]
+
+
+def _swapped_b_and_c() -> AbstractContextManager[object]:
+    """A call site that passes C where selective_scan_fn takes B (and B for C)."""
+    resolve = kernels_xatl.kernel_set
+
+    def kernel_set(*args: object) -> kernels_xatl.KernelSet:
+        found = resolve(*args)
+        scan = found.functions["selective_scan_fn"]
+        swapped = lambda u, delta, A, B, C, *rest, **kwargs: scan(u, delta, A, C, B, *rest, **kwargs)  # noqa: E731
+        return kernels_xatl.KernelSet({**found.functions, "selective_scan_fn": swapped}, found.sources)
+
+    return mock.patch.object(kernels_xatl, "kernel_set", kernel_set)
 
 
 def _bugs() -> list[tuple[str, str, AbstractContextManager[object]]]:
@@ -68,6 +93,7 @@ def _bugs() -> list[tuple[str, str, AbstractContextManager[object]]]:
             modeling_xatl, "_causal_conv_silu", lambda x, conv, previous: forgetful(x, conv, None))),
         ("transposed transfer (q)", TWIN, twin_damage(transpose_q)),
         ("lost norm offset", TWIN, twin_damage(lose_offset)),
+        ("B, C swapped at a call site", KERNELS, _swapped_b_and_c()),
         ("none (clean)", TWIN, nullcontext()),
     ]  # fmt: skip
 

@@ -481,3 +481,26 @@ def test_a_long_memory_mamba_continues_a_prefix_in_bf16_as_the_scan_does() -> No
         if c.scenario == "continue a cached prefix"
     ]
     assert continued.error <= 5e-3, continued.error
+
+
+def test_a_mixer_outside_the_kernels_limits_takes_the_reference_path_and_verify_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from xatl_convert.conversion import convert
+    from xatl_convert.verify import verify
+
+    served = kx.KernelSet(dict(kx.STAND_INS), dict.fromkeys(kx.STAND_INS, "somewhere"))
+    monkeypatch.setattr(kx, "kernel_set", lambda *args: served)  # as if kernels served this device
+    x = torch.zeros(1)
+    assert kernels_for(x) is served
+    with caplog.at_level("WARNING"):
+        assert kernels_for(x, "mamba.d_conv 5 is outside causal-conv1d's widths 2 to 4") is None
+    assert "mamba.d_conv 5 is outside causal-conv1d's widths 2 to 4: those mixers run the reference path" in caplog.text
+    monkeypatch.undo()
+
+    convert(EXAMPLE, tmp_path / "out", to="mamba", overrides={"mamba.d_conv": 5})
+    report = verify(tmp_path / "out", EXAMPLE, device="cpu")
+    (row,) = [check for check in report.checks if "kernel call sites" in check.name]
+    assert row.status == "skip"
+    assert row.value.startswith("mamba.d_conv 5 is outside causal-conv1d's widths 2 to 4")
+    assert report.passed

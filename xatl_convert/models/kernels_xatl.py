@@ -490,19 +490,40 @@ def kernel_set(device_type: str, hub: tuple[str, int] | None = None) -> KernelSe
     return KernelSet(functions, sources)
 
 
-def kernels_for(tensor: torch.Tensor) -> KernelSet | None:
+def outside_kernel_limits(kind: str, d_conv: int, d_state: int) -> str | None:
+    """Why the kernels cannot run a mixer of this shape (causal-conv1d takes widths 2 to 4; mamba-ssm's selective
+    scan at most 256 states), or None when they can."""
+    if not 2 <= d_conv <= 4:
+        return f"{kind}.d_conv {d_conv} is outside causal-conv1d's widths 2 to 4"
+    if kind == "mamba" and d_state > 256:
+        return f"mamba.d_state {d_state} is above the 256 states mamba-ssm's selective scan takes"
+    return None
+
+
+@functools.cache
+def _warn_reference(reason: str) -> None:
+    logger.warning(f"{reason}: those mixers run the reference path, not the kernels")
+
+
+def kernels_for(tensor: torch.Tensor, outside_limits: str | None = None) -> KernelSet | None:
     """What a mixer's kernel call path uses for inputs like `tensor`, or None for the readable reference path.
 
     "auto" (default): the kernel call path where a real kernel exists for the tensor's device and dtype (never for
-    float64, which the kernels do not take). Inside `kernel_path("kernels")` always, with stand-ins where no kernel
-    exists; inside `kernel_path("reference")` never.
+    float64, which the kernels do not take) and the mixer's shape is within the kernels' limits (`outside_limits`
+    says why not; warned once). Inside `kernel_path("kernels")` always, with stand-ins where no kernel exists;
+    inside `kernel_path("reference")` never.
     """
     if _PATH == "reference":
         return None
     found = kernel_set(tensor.device.type, hub_kernels_setting())
     if _PATH == "kernels":
         return found
-    return found if found.has_kernels and tensor.dtype != torch.float64 else None
+    if not found.has_kernels or tensor.dtype == torch.float64:
+        return None
+    if outside_limits is not None:
+        _warn_reference(outside_limits)
+        return None
+    return found
 
 
 @contextlib.contextmanager

@@ -24,7 +24,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_xatl import XatlConfig
-from .kernels_xatl import KernelSet, kernel_path, kernels_available, kernels_for, reference_path
+from .kernels_xatl import (
+    KernelSet,
+    kernel_path,
+    kernels_available,
+    kernels_for,
+    outside_kernel_limits,
+    reference_path,
+)
 from .scans_xatl import compute_dtype, selective_scan_reference, ssd_chunk_scan_reference
 
 # Marks set on nn.Linear modules so that `init_xatl_weights` can initialise each module on its own, in any order.
@@ -548,6 +555,7 @@ class XatlMamba(nn.Module):
         setattr(self.dt_proj, _INIT_ROLE, _DT_PROJ)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.outside_kernels = outside_kernel_limits("mamba", self.d_conv, self.d_state)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
 
@@ -562,7 +570,7 @@ class XatlMamba(nn.Module):
         With a cache, continues from its states and leaves the final ones there: one new token takes mamba-ssm's
         single-step update (O(1), the prefix is never re-read); several run the scan from the cached state.
         """
-        ops = kernels_for(hidden_states)
+        ops = kernels_for(hidden_states, self.outside_kernels)
         if ops is not None:
             return self._forward_kernels(hidden_states, padding_mask, cache, ops)
         length = hidden_states.shape[1]
@@ -677,6 +685,7 @@ class XatlMamba2(nn.Module):
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=m["proj_bias"])
         self.conv1d = _depthwise_conv(self.conv_dim, self.d_conv, m["conv_bias"])
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.outside_kernels = outside_kernel_limits("mamba2", self.d_conv, self.d_state)
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm = XatlGatedRMSNorm(
@@ -692,7 +701,7 @@ class XatlMamba2(nn.Module):
         cache: XatlCache | None = None,
     ) -> torch.Tensor:
         """As `XatlMamba.forward`: padding zeroed; with a cache, one token takes mamba-ssm's Mamba2.step."""
-        ops = kernels_for(hidden_states)
+        ops = kernels_for(hidden_states, self.outside_kernels)
         if ops is not None:
             return self._forward_kernels(hidden_states, padding_mask, cache, ops)
         b, length, _ = hidden_states.shape

@@ -46,12 +46,13 @@ BOUNDS = {torch.float32: Bounds(twin=1e-4, decode=1e-4), torch.float64: Bounds(t
 @dataclass
 class ConvertedPass:
     """What the converted model's pass leaves: its logits (None with --layers), per-block decoding errors, and
-    the kernel call-site comparisons of the first block of each LCI mixer type (layer index, comparisons)."""
+    the kernel call-site comparisons of the first block of each LCI mixer type (layer index, comparisons, or why
+    the kernels cannot run that mixer)."""
 
     logits: torch.Tensor | None
     decode_errors: list[float] = field(default_factory=list)
     peak_unit_bytes: int = 0
-    call_sites: dict[str, tuple[int, list[SiteComparison]]] = field(default_factory=dict)
+    call_sites: dict[str, tuple[int, list[SiteComparison] | str]] = field(default_factory=dict)
 
 
 Progress = Callable[[str, int, int], None]  # (pass, blocks started, blocks in the pass)
@@ -93,15 +94,17 @@ class Run:
         """The converted model's forward, its tensors from `read`; each block, while loaded, also decodes the
         sample incrementally."""
         decode_errors: list[float] = []
-        call_sites: dict[str, tuple[int, list[SiteComparison]]] = {}
+        call_sites: dict[str, tuple[int, list[SiteComparison] | str]] = {}
 
         def decode(call: LayerCall) -> None:
             decode_errors.append(incremental_decoding_error(call, self.config))
             kind = self.config.layer_types[call.index]
             if kind != "attention" and kind not in call_sites:  # the first block of each LCI type, on its real input
+                outside = call.block.mixer.outside_kernels
                 with torch.no_grad():
                     normed = call.block.mixer_input(call.hidden_states)
-                call_sites[kind] = (call.index, compare_call_sites(call.block.mixer, self.config, site_inputs(normed)))
+                compared = outside or compare_call_sites(call.block.mixer, self.config, site_inputs(normed))
+                call_sites[kind] = (call.index, compared)
 
         model = self.xatl_skeleton()
         stream = self.stream("converted model", model, read, self.config.num_hidden_layers)
