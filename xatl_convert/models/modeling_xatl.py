@@ -230,7 +230,8 @@ class XatlGatedRMSNorm(nn.Module):
 def _causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d, previous: torch.Tensor | None) -> torch.Tensor:
     """silu(depthwise causal conv(x)) for x (batch, channels, L); `previous` (batch, channels, d_conv - 1) holds
     the inputs just before x (zeros when None). With L = 1 this is mamba-ssm's single-step conv update. Computed
-    in fp32 (float64 for float64), as causal-conv1d does; a bf16 depthwise conv is also many times slower on CPUs."""
+    in fp32 (float64 for float64), as causal-conv1d accumulates (bf16 Mamba prefill on a CPU is also ~2x faster:
+    benchmarks/cpu_conv_bench.py)."""
     width, ct = conv.kernel_size[0], compute_dtype(x)
     full = F.pad(x, (width - 1, 0)) if previous is None else torch.cat([previous.to(x.dtype), x], dim=-1)
     bias = None if conv.bias is None else conv.bias.to(ct)
