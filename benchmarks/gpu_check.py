@@ -9,7 +9,8 @@ paper's hybrid) and a pythia-160m-shaped random GPT-NeoX (to Mamba and Mamba2), 
 with the given device; verify's kernel row runs every kernel call site against the reference path (relative error
 ≤ 1e-3 in fp32, ≤ 2e-2 in bf16), on the real kernels on CUDA. Then `kernel_timing` takes one 1B-shaped mixer of
 each kind (hidden 2048, d_inner 4096): every call site compared again, and a bf16 prefill and decoding timed on the
-kernel path against the reference path (the ratio is the kernels' speed-up). Everything lands in one JSON file.
+kernel path against the reference path (the ratio is the kernels' speed-up), and `model_timing` does the same for a
+whole Llama-3.2-1B-shaped hybrid (logits compared, prefill and decoding timed). Everything lands in one JSON file.
 
 `patch-sources` unpacks the carried mamba-ssm and causal-conv1d sdists and limits their CUDA builds to one
 architecture: their setup.py compiles for about ten (sm_75 … sm_121), which takes far longer than one.
@@ -101,6 +102,11 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
         passed &= all(kind["call_sites_passed"] for kind in timing.values())
         for kind, measured in timing.items():
             print(f"{'1B-shaped ' + kind:40s} {measured}", flush=True)
+        whole = model_timing(device, quick)
+        results["model_timing"] = whole
+        passed &= all(measured["passed"] for measured in whole.values())
+        for name, measured in whole.items():
+            print(f"{'Llama-3.2-1B-shaped ' + name:40s} {measured}", flush=True)
         if device == "cuda":
             exported = mamba_ssm_export_check(Path(work))
             results["mamba_ssm_export"] = exported
@@ -158,6 +164,59 @@ def kernel_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
         measured["prefill_speedup"] = round(measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2)
         measured["step_speedup"] = round(measured["reference_step_ms"] / measured["kernels_step_ms"], 2)
         results[kind] = measured
+    return results
+
+
+def model_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
+    """A whole Llama-3.2-1B-shaped xatl model (hidden 2048, 16 layers, GQA 32/8, gated MLP 8192, vocab 128256) as
+    xatl convert gives it, the paper's hybrid (attention at layers 1 and 7, the rest Mamba or Mamba2 with the Llama
+    mapping's shapes), in bf16: the same logits on both paths, and a 2048-token prefill and 64 decoding steps timed
+    on the kernel call path against the reference path. --quick: a small shape."""
+    import torch
+
+    from xatl_convert.models import XatlConfig, XatlForCausalLM, new_cache
+    from xatl_convert.models.kernels_xatl import kernel_path
+
+    if quick:
+        sizes = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "head_dim": 64, "intermediate_size": 512, "vocab_size": 1000}  # fmt: skip
+        prefill, steps, attention = 300, 8, (1,)
+    else:
+        sizes = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                 "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256}  # fmt: skip
+        prefill, steps, attention = 2048, 64, (1, 7)
+    results: dict[str, dict[str, object]] = {}
+    for kind in ("mamba", "mamba2"):
+        layer_types = [("attention" if i in attention else kind) for i in range(sizes["num_hidden_layers"])]
+        config = XatlConfig(**sizes, layer_types=layer_types, mlp_gated=True, hidden_act="silu", norm_type="rmsnorm",
+                            norm_eps=1e-5, tie_word_embeddings=True, mamba={"expand": 1},
+                            mamba2={"expand": 1, "headdim": 64, "ngroups": sizes["num_key_value_heads"],
+                                    "d_state": 64})  # fmt: skip
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = XatlForCausalLM(config).to(torch.bfloat16).eval()
+        ids = torch.randint(0, sizes["vocab_size"], (1, prefill + steps), device=device)
+        measured: dict[str, object] = {"parameters": sum(p.numel() for p in model.parameters())}
+        logits = {}
+        for path in ("kernels", "reference"):
+            with kernel_path(path), torch.no_grad():
+                model(ids[:, :64])  # warm-up (Triton compiles here)
+                start = _synchronized_clock(device)
+                logits[path] = model(ids[:, :prefill]).logits[:, -16:].float()
+                measured[f"{path}_prefill_ms"] = round(1000 * (_synchronized_clock(device) - start), 1)
+                cache = new_cache(model, 1)
+                model(ids[:, :prefill], cache=cache, use_cache=True)
+                start = _synchronized_clock(device)
+                for t in range(prefill, prefill + steps):
+                    model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                measured[f"{path}_step_ms"] = round(1000 * (_synchronized_clock(device) - start) / steps, 2)
+        difference = (logits["kernels"] - logits["reference"]).norm() / logits["reference"].norm()
+        measured["relative_logit_difference"] = float(difference)
+        measured["prefill_speedup"] = round(measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2)
+        measured["step_speedup"] = round(measured["reference_step_ms"] / measured["kernels_step_ms"], 2)
+        measured["passed"] = float(difference) <= 2e-2
+        results[f"{kind} paper hybrid"] = measured
+        del model
     return results
 
 

@@ -70,3 +70,11 @@ def test_kernel_timing_dry_run_compares_every_call_site_and_times_both_paths() -
         assert measured["prefill_speedup"] == round(
             measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2
         )
+
+
+def test_model_timing_dry_run_runs_a_whole_hybrid_on_both_paths() -> None:
+    timing = _load_gpu_check().model_timing("cpu", quick=True)
+    assert set(timing) == {"mamba paper hybrid", "mamba2 paper hybrid"}
+    for measured in timing.values():
+        assert measured["passed"] is True and measured["relative_logit_difference"] <= 2e-2
+        assert measured["kernels_step_ms"] > 0 and measured["reference_prefill_ms"] > 0
