@@ -467,6 +467,22 @@ def test_the_hub_kernels_setting(value: str, expected, monkeypatch) -> None:
     assert kx.hub_kernels_setting() == expected
 
 
+@pytest.mark.parametrize("value", ["me/my-mamba@v2", "@3"])
+def test_a_malformed_hub_kernels_setting_is_a_clear_error(value: str, monkeypatch) -> None:
+    monkeypatch.setenv(kx.HUB_KERNELS_ENV, value)
+    with pytest.raises(ValueError, match=f"XATL_HUB_KERNELS={value!r}: expected 1, 0, a kernel repository"):
+        kx.hub_kernels_setting()
+    from typer.testing import CliRunner
+
+    from xatl_convert.cli import app
+
+    result = CliRunner().invoke(app, ["verify", "anything"])  # named before any folder is read
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: XATL_HUB_KERNELS={value!r}: expected 1, 0, a kernel repository, or " + (
+        "REPOSITORY@VERSION"
+    )
+
+
 def test_a_long_memory_mamba_continues_a_prefix_in_bf16_as_the_scan_does() -> None:
     """Found on OLMo2's raw (post-norm) inputs: 120 steps through a bf16 state drifted by 7e-2 from the scan. The
     chunk's running state stays fp32 and is rounded once, as the reference scan rounds it."""

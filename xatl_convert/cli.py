@@ -79,6 +79,7 @@ class OneLineErrorGroup(TyperGroup):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
+            _check_hub_kernels_setting()
             return super().invoke(ctx)
         except (click.ClickException, typer.Exit, typer.Abort):
             raise
@@ -104,6 +105,17 @@ class OneLineErrorGroup(TyperGroup):
                 f"with the traceback that {TRACEBACK_VARIABLE}=1 shows)"
             )
             raise typer.Exit(1) from None
+
+
+def _check_hub_kernels_setting() -> None:
+    """A malformed XATL_HUB_KERNELS is the user's error, named before any model runs (the models read it per call)."""
+    if os.environ.get("XATL_HUB_KERNELS", "").strip():
+        from xatl_convert.models.kernels_xatl import hub_kernels_setting
+
+        try:
+            hub_kernels_setting()
+        except ValueError as error:
+            raise XatlError(str(error)) from None
 
 
 def _usage_message(error: click.ClickException) -> str:

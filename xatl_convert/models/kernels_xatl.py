@@ -406,7 +406,7 @@ def _installed_kernel(name: str) -> Callable[..., Any] | None:
 
 
 def _own_fallback(func_name: str, package: str, internal_path: str | None = None) -> Callable[[Callable], Callable]:
-    """Ours, for transformers releases without `use_kernel_func_from_hub_with_fallback` (before 5.x): the package's
+    """Ours, for transformers releases without `use_kernel_func_from_hub_with_fallback` (5.0 has none): the package's
     function when it imports, else the decorated PyTorch function; arguments it does not take are dropped, as
     transformers does."""
 
@@ -446,6 +446,8 @@ def hub_kernels_setting() -> tuple[str, int] | None:
     if value.lower() in ("1", "true", "yes", "on"):
         return DEFAULT_HUB_KERNELS
     repo, _, version = value.partition("@")
+    if not repo or (version and not version.isdigit()):
+        raise ValueError(f"{HUB_KERNELS_ENV}={value!r}: expected 1, 0, a kernel repository, or REPOSITORY@VERSION")
     return repo, int(version) if version else DEFAULT_HUB_KERNELS[1]
 
 
