@@ -70,7 +70,8 @@ def test_every_call_site_matches_the_reference_path_on_cpu(kind: str) -> None:
     ]
     for c in comparisons:
         assert c.refused is None, (c.scenario, c.refused)
-        assert c.error <= (1e-6 if c.dtype == torch.float32 else 1e-2), (c.scenario, c.dtype, c.error)
+        # the stand-ins round once, as the kernels and the reference path do: bf16 agrees as closely as fp32
+        assert c.error <= 1e-5, (c.scenario, c.dtype, c.error)
 
 
 def test_the_scenarios_cover_every_cached_path() -> None:
@@ -97,7 +98,7 @@ def test_a_hybrid_model_gives_the_same_logits_and_tokens_on_both_paths(dtype: to
         outputs[path] = (logits.float(), tokens)
     (kernel_logits, kernel_tokens), (reference_logits, reference_tokens) = outputs["kernels"], outputs["reference"]
     error = ((kernel_logits - reference_logits).norm() / reference_logits.norm()).item()
-    assert error <= (1e-6 if dtype == torch.float32 else 2e-2)
+    assert error <= 1e-5  # a double rounding in a stand-in (y, then y + D x) gave 2e-2 on a 16-layer 1B hybrid
     if dtype == torch.float32:  # bf16 rounding may flip a near-tie
         assert torch.equal(kernel_tokens, reference_tokens)
 

@@ -341,14 +341,15 @@ def mamba_chunk_scan_combined(
     if dt_softplus:
         delta = torch.where(delta <= 20.0, F.softplus(delta), delta)
     delta = delta.clamp(min=dt_limit[0], max=dt_limit[1])
+    # fp32 throughout, then one rounding to x's dtype, as the kernel: the D skip and the gate join before it
     y, final = ssd_chunk_scan_reference(
-        x, delta, A, B, C, chunk_size, initial_states=initial_states, return_final_states=True
+        x.float(), delta, A, B, C, chunk_size, initial_states=initial_states, return_final_states=True
     )
     if D is not None:
-        skip = D.float()[:, None] if D.dim() == 1 else D.float()
-        y = (y.float() + x.float() * skip).to(x.dtype)
+        y = y + x.float() * (D.float()[:, None] if D.dim() == 1 else D.float())
     if z is not None:
-        y = (y.float() * F.silu(z.float())).to(x.dtype)
+        y = y * F.silu(z.float())
+    y = y.to(x.dtype)
     return (y, final.float()) if return_final_states else y
 
 
