@@ -24,7 +24,9 @@ import platform
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPS = ROOT / ".gpu-deps"
@@ -126,7 +128,6 @@ def kernel_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
     import torch
 
     from xatl_convert.models import XatlCache, XatlConfig, XatlForCausalLM
-    from xatl_convert.models.kernels_xatl import kernel_path
     from xatl_convert.verify.kernel_sites import compare_call_sites, used_kernels
 
     hidden, prefill, steps = (256, 330, 8) if quick else (2048, 2048, 64)
@@ -140,30 +141,28 @@ def kernel_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
         sample = torch.randn(2, 330, hidden, device=device)
         comparisons = compare_call_sites(mixer, config, sample)
         mixer = mixer.to(torch.bfloat16)
+
+        def run_mixer(x: torch.Tensor, cache: XatlCache | None, mixer: torch.nn.Module = mixer) -> torch.Tensor:
+            out = mixer(x, cache=cache)
+            if cache is not None:  # the model advances it after its last layer; a lone mixer does it here
+                cache.seen_tokens += x.shape[1]
+            return out
+
         tokens = torch.randn(1, prefill + steps, hidden, device=device, dtype=torch.bfloat16)
-        measured: dict[str, object] = {
+        timings, _ = _time_both_paths(
+            run_mixer,
+            lambda config=config: XatlCache(config, 1, dtype=torch.bfloat16, device=device),
+            tokens,
+            prefill,
+            steps,
+            device,
+        )
+        results[kind] = {
             "kernels": used_kernels(torch.device(device)),
             "call_sites_passed": all(c.passed for c in comparisons),
             "worst_call_site": max((c.error, c.scenario, str(c.dtype)) for c in comparisons),
+            **timings,
         }
-        for path in ("kernels", "reference"):
-            with kernel_path(path), torch.no_grad():
-                mixer(tokens[:, :prefill])  # warm-up (Triton compiles here)
-                start = _synchronized_clock(device)
-                mixer(tokens[:, :prefill])
-                prefill_ms = 1000 * (_synchronized_clock(device) - start)
-                cache = XatlCache(config, 1, dtype=torch.bfloat16, device=device)
-                mixer(tokens[:, :prefill], cache=cache)
-                cache.seen_tokens = prefill
-                start = _synchronized_clock(device)
-                for t in range(prefill, prefill + steps):
-                    mixer(tokens[:, t : t + 1], cache=cache)
-                    cache.seen_tokens = t + 1
-                step_ms = 1000 * (_synchronized_clock(device) - start) / steps
-            measured[f"{path}_prefill_ms"], measured[f"{path}_step_ms"] = round(prefill_ms, 2), round(step_ms, 3)
-        measured["prefill_speedup"] = round(measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2)
-        measured["step_speedup"] = round(measured["reference_step_ms"] / measured["kernels_step_ms"], 2)
-        results[kind] = measured
     return results
 
 
@@ -175,7 +174,6 @@ def model_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
     import torch
 
     from xatl_convert.models import XatlConfig, XatlForCausalLM, new_cache
-    from xatl_convert.models.kernels_xatl import kernel_path
 
     if quick:
         sizes = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -196,28 +194,52 @@ def model_timing(device: str, quick: bool) -> dict[str, dict[str, object]]:
         with torch.device(device):
             model = XatlForCausalLM(config).to(torch.bfloat16).eval()
         ids = torch.randint(0, sizes["vocab_size"], (1, prefill + steps), device=device)
-        measured: dict[str, object] = {"parameters": sum(p.numel() for p in model.parameters())}
-        logits = {}
-        for path in ("kernels", "reference"):
-            with kernel_path(path), torch.no_grad():
-                model(ids[:, :64])  # warm-up (Triton compiles here)
-                start = _synchronized_clock(device)
-                logits[path] = model(ids[:, :prefill]).logits[:, -16:].float()
-                measured[f"{path}_prefill_ms"] = round(1000 * (_synchronized_clock(device) - start), 1)
-                cache = new_cache(model, 1)
-                model(ids[:, :prefill], cache=cache, use_cache=True)
-                start = _synchronized_clock(device)
-                for t in range(prefill, prefill + steps):
-                    model(ids[:, t : t + 1], cache=cache, use_cache=True)
-                measured[f"{path}_step_ms"] = round(1000 * (_synchronized_clock(device) - start) / steps, 2)
-        difference = (logits["kernels"] - logits["reference"]).norm() / logits["reference"].norm()
-        measured["relative_logit_difference"] = float(difference)
-        measured["prefill_speedup"] = round(measured["reference_prefill_ms"] / measured["kernels_prefill_ms"], 2)
-        measured["step_speedup"] = round(measured["reference_step_ms"] / measured["kernels_step_ms"], 2)
-        measured["passed"] = float(difference) <= 2e-2
-        results[f"{kind} paper hybrid"] = measured
+
+        def last_logits(x: torch.Tensor, cache: object, model: torch.nn.Module = model) -> torch.Tensor:
+            return model(x, cache=cache, use_cache=cache is not None).logits[:, -16:].float()
+
+        timings, logits = _time_both_paths(
+            last_logits, lambda model=model: new_cache(model, 1), ids, prefill, steps, device
+        )
+        difference = float((logits["kernels"] - logits["reference"]).norm() / logits["reference"].norm())
+        results[f"{kind} paper hybrid"] = {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **timings,
+            "relative_logit_difference": difference,
+            "passed": difference <= 2e-2,
+        }
         del model
     return results
+
+
+def _time_both_paths(
+    forward: Callable[[Any, Any], Any], new_state: Callable[[], Any], inputs: Any, prefill: int, steps: int,
+    device: str,
+) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
+    """A `prefill`-token forward, then `steps` single-token steps from a fresh state, each timed on the kernel call
+    path and on the reference path: forward(inputs, state), state None or new_state(). Returns the times (ms) and
+    speed-ups (reference / kernels), and each path's prefill output."""
+    import torch
+
+    from xatl_convert.models.kernels_xatl import kernel_path
+
+    timings: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
+    for path in ("kernels", "reference"):
+        with kernel_path(path), torch.no_grad():
+            forward(inputs[:, :prefill], None)  # warm-up (Triton compiles here)
+            start = _synchronized_clock(device)
+            outputs[path] = forward(inputs[:, :prefill], None)
+            timings[f"{path}_prefill_ms"] = round(1000 * (_synchronized_clock(device) - start), 2)
+            state = new_state()
+            forward(inputs[:, :prefill], state)
+            start = _synchronized_clock(device)
+            for t in range(prefill, prefill + steps):
+                forward(inputs[:, t : t + 1], state)
+            timings[f"{path}_step_ms"] = round(1000 * (_synchronized_clock(device) - start) / steps, 3)
+    timings["prefill_speedup"] = round(timings["reference_prefill_ms"] / timings["kernels_prefill_ms"], 2)
+    timings["step_speedup"] = round(timings["reference_step_ms"] / timings["kernels_step_ms"], 2)
+    return timings, outputs
 
 
 def _synchronized_clock(device: str) -> float:

@@ -93,7 +93,7 @@ def _check_conv_weights(function: str, x: torch.Tensor, weight: torch.Tensor, bi
     _require(2 <= width <= 4, function, "causal_conv1d only supports width between 2 and 4")
     if bias is not None:
         _require(bias.dtype == weight.dtype, function, f"bias dtype {bias.dtype} != weight dtype {weight.dtype}")
-        _require(tuple(bias.shape) == (x.shape[1],), function, f"bias must be ({x.shape[1]},), got {tuple(bias.shape)}")
+        _shape(function, "bias", bias, (x.shape[1],))
         _require(bias.stride(-1) == 1, function, "bias must be contiguous in its last dimension")
     return width
 
@@ -440,8 +440,13 @@ def hub_kernels_setting() -> tuple[str, int] | None:
     """(repo, version) of the prebuilt kernels the user allows through XATL_HUB_KERNELS, else None.
 
     "1" / "true" / "yes" → kernels-community/mamba-ssm, version 5; "REPO" or "REPO@VERSION" → that repository.
+    Read on every mixer call (a user may set it after import); parsed once per value.
     """
-    value = os.environ.get(HUB_KERNELS_ENV, "").strip()
+    return _parse_hub_kernels(os.environ.get(HUB_KERNELS_ENV, "").strip())
+
+
+@functools.cache
+def _parse_hub_kernels(value: str) -> tuple[str, int] | None:
     if value.lower() in ("", "0", "false", "no", "off"):
         return None
     if value.lower() in ("1", "true", "yes", "on"):

@@ -578,8 +578,7 @@ class XatlMamba(nn.Module):
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         x = _short_conv(x, self.conv1d, self.layer_idx, cache, padding_mask)
 
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L); the bias is added in the scan
+        dt, B, C = self._dt_B_C(x)
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, d_state, L)
         ct = compute_dtype(x)
         A = -torch.exp(self.A_log.to(ct))
@@ -611,6 +610,12 @@ class XatlMamba(nn.Module):
             cache.ssm_states[self.layer_idx] = last_state.to(cache.ssm_states[self.layer_idx].dtype)
         return self.out_proj(y.transpose(1, 2))
 
+    def _dt_B_C(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the conv's output x (b, d_inner, L): dt (b, d_inner, L) before its bias and softplus (both paths
+        add them in the scan), and B, C (b, L, d_state)."""
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight).transpose(1, 2), B, C
+
     def _forward_kernels(
         self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None, cache: XatlCache | None, ops: KernelSet
     ) -> torch.Tensor:
@@ -622,8 +627,7 @@ class XatlMamba(nn.Module):
         """
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         x = _short_conv_kernels(x, self.conv1d, self.layer_idx, cache, padding_mask, ops)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (b, d_inner, L), before bias and softplus
+        dt, B, C = self._dt_B_C(x)
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state), fp32
         if cache is not None and cache.seen_tokens > 0:
             state = cache.ssm_states[self.layer_idx]  # (b, d_inner, d_state), updated in place
