@@ -101,7 +101,7 @@ def test_output_that_is_the_current_directory_is_refused(
     for out in (".", str(tmp_path)):
         result = invoke("convert", source, "--out", out, "--force")
         line = error_line(result)
-        assert "current directory" in line or "contains the source" in line
+        assert "the current folder" in line or "contains the source" in line
     assert (work / "notes.txt").read_text() == "keep me"
 
 
@@ -148,18 +148,31 @@ def test_second_conversion_to_the_same_output_waits_its_turn(source: Path, tmp_p
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_force_replaces_a_file_or_symlink_without_leftovers(source: Path, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["file", "folder", "symlink"])
+def test_force_never_replaces_what_xatl_did_not_write(source: Path, tmp_path: Path, kind: str) -> None:
     out, target = tmp_path / "out", tmp_path / "target"
     target.mkdir()
-    (target / "keep.txt").write_text("the link's target stays")
+    (target / "keep.txt").write_text("not xatl's")
     if kind == "file":
         out.write_text("old")
+    elif kind == "folder":
+        shutil.copytree(target, out)
     else:
         out.symlink_to(target)
+    before = tree_digest(tmp_path)
+    line = error_line(invoke("convert", source, "--out", out, "--force"))
+    assert "not written by xatl" in line or "is a file, not a folder" in line
+    assert tree_digest(tmp_path) == before and leftovers(tmp_path) == []
+
+
+def test_force_replaces_a_symlink_to_an_xatl_folder_and_keeps_the_folder(source: Path, tmp_path: Path) -> None:
+    out, earlier = tmp_path / "out", tmp_path / "earlier"
+    _converts(invoke("convert", source, "--out", earlier))
+    before = tree_digest(earlier)
+    out.symlink_to(earlier)
     _converts(invoke("convert", source, "--out", out, "--force"))
     assert (out / "model.safetensors").is_file() and not out.is_symlink()
-    assert (target / "keep.txt").read_text() == "the link's target stays"
+    assert tree_digest(earlier) == before
     assert leftovers(tmp_path) == []
 
 
@@ -426,7 +439,7 @@ PROMISES = {
     "missing-tensor": (_missing_tensor, "model.layers.1.mlp_norm.weight"),
     "truncated-safetensors": (_truncated_safetensors, "model.safetensors"),
     "malicious-pickle": (_malicious_pickle, "pytorch_model.bin"),
-    "existing-output-without-force": (_existing_output, "already exists; pass --force"),
+    "existing-output-without-force": (_existing_output, "exists and was not written by xatl"),
     "missing-source": (_nonexistent_source, "no-such-folder"),
 }
 
@@ -457,8 +470,12 @@ def test_readme_promise_reruns_are_byte_identical(source: Path, tmp_path: Path) 
 
 
 def test_readme_promise_source_folder_survives_a_forced_conversion_next_to_it(source: Path, tmp_path: Path) -> None:
-    """The data-loss bug that started issue 9: a neighbour folder is replaced, the source beside it is not."""
-    save_neox(tmp_path / "neighbour")
-    before = tree_digest(source)
+    """The data-loss bug that started issue 9: an earlier conversion beside the source is replaced, the source is
+    not; a checkpoint beside it is never replaced, even with --force."""
+    _converts(invoke("convert", source, "--out", tmp_path / "neighbour"))
+    save_neox(tmp_path / "other-model")
+    before, other = tree_digest(source), tree_digest(tmp_path / "other-model")
     _converts(invoke("convert", source, "--out", tmp_path / "neighbour", "--force"))
     assert tree_digest(source) == before and (tmp_path / "neighbour" / "xatl_manifest.json").is_file()
+    assert "not written by xatl" in error_line(invoke("convert", source, "--out", tmp_path / "other-model", "--force"))
+    assert tree_digest(tmp_path / "other-model") == other

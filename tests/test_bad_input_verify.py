@@ -19,9 +19,10 @@ import pytest
 from tests.bad_input import CHECK_FAILED, error_line, invoke, tree_digest
 from tests.conftest import VERIFY_CHECK_NAMES, save_neox
 from xatl_convert.conversion import convert
-from xatl_convert.errors import ReportError
+from xatl_convert.errors import OutputWriteError, UnsafeOutputError
 from xatl_convert.manifest import MANIFEST_NAME
-from xatl_convert.verify import VerifyReport, check_report_destination
+from xatl_convert.verify import VerifyReport
+from xatl_convert.write_guard import WriteTarget, check_write_targets, write_report_file
 
 WEIGHTS = "model.safetensors"
 CHECK_NAMES = VERIFY_CHECK_NAMES
@@ -189,18 +190,26 @@ def test_an_unwritable_json_destination_fails_before_the_checks(
     assert tree_digest(damaged) == before
 
 
-def test_report_destination_and_write_json_name_the_path_and_the_reason(tmp_path: Path) -> None:
+def test_report_destination_is_checked_by_the_write_guard_and_written_atomically(tmp_path: Path) -> None:
+    def check(path: Path) -> None:
+        check_write_targets([WriteTarget("--json", path, "report")], {})
+
+    with pytest.raises(OutputWriteError, match=r"missing/report\.json: folder .*missing does not exist"):
+        check(tmp_path / "missing" / "report.json")
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(UnsafeOutputError, match="is a folder, not a file"):
+        check(tmp_path / "a-folder")
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(UnsafeOutputError, match="exists and is not a report xatl wrote"):
+        check(tmp_path / "notes.json")
+    check(tmp_path / "report.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "notes.json"]  # checking creates nothing
     report = VerifyReport(output="out", source=None)
-    with pytest.raises(ReportError, match=r"missing/report\.json: folder .*missing does not exist"):
-        check_report_destination(tmp_path / "missing" / "report.json")
-    with pytest.raises(ReportError, match="is a folder, not a file"):
-        check_report_destination(tmp_path)
-    with pytest.raises(ReportError, match=r"report\.json: cannot write the verify report \(No such file or directory"):
-        report.write_json(tmp_path / "missing" / "report.json")
-    with pytest.raises(ReportError, match=r"cannot write the verify report \(Is a directory\)"):
-        report.write_json(tmp_path)
-    assert check_report_destination(tmp_path / "report.json") == tmp_path / "report.json"
-    assert list(tmp_path.iterdir()) == []  # checking creates nothing
+    write_report_file(tmp_path / "report.json", report.to_json())
+    check(tmp_path / "report.json")  # a report xatl wrote may be replaced
+    write_report_file(tmp_path / "report.json", report.to_json())
+    assert json.loads((tmp_path / "report.json").read_text())["xatl_report"] == "verify"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder", "notes.json", "report.json"]
 
 
 def test_a_recorded_source_that_is_gone_skips_source_checks_with_the_reason(tmp_path: Path) -> None:

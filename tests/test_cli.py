@@ -95,7 +95,7 @@ def test_attention_layer_out_of_range_fails_with_one_line(neox_checkpoint: Path,
 
 def test_existing_output_is_kept_without_force(neox_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
+    assert runner.invoke(app, ["convert", str(neox_checkpoint), "--out", str(out)]).exit_code == 0
     (out / "precious.txt").write_text("keep me")
     result = runner.invoke(app, ["convert", str(neox_checkpoint), "--out", str(out)])
     assert "already exists; pass --force" in _error_line(result)

@@ -58,7 +58,7 @@ def test_split_all_scores_every_document_of_a_text_that_never_trained(converted:
     held_out, everything = (scored[s]["losses"]["model"]["tokens"] for s in ("held-out", "all"))
     assert 10 * held_out < everything
     line = error_line(invoke("eval", converted, "--data", tmp_path / "text.txt", "--split", "train"))
-    assert line == "error: --split 'train': expected held-out or all"
+    assert line == "error: --split train: input should be 'held-out' or 'all'"
 
 
 def test_gap_recovered_reads_the_start_from_the_manifest(converted: Path, tmp_path: Path) -> None:

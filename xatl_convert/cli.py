@@ -7,11 +7,13 @@ transformers are imported inside the commands that need them, so `--help`, `sour
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import shlex
 import sys
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ except ImportError:  # pragma: no cover
 from xatl_convert.errors import XatlError, first_line
 from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
 from xatl_convert.mapping.layers import LCI_MIXERS, PRESETS
+from xatl_convert.write_guard import CommandPaths, Reads, Writes, write_new_file, write_report_file
 
 PIPED_WIDTH = 200  # tables written to a file or CI log are not squeezed to 80 columns
 TRACEBACK_VARIABLE = "XATL_TRACEBACK"  # set to 1 to see the traceback of an unexpected error
@@ -126,12 +129,56 @@ def _usage_message(error: click.ClickException) -> str:
     return f"{context.command_path}: {error.format_message()} (see {context.command_path} --help)"
 
 
-class PlainUsageCommand(TyperCommand):
-    """`Usage: xatl convert [OPTIONS] SRC`, without the braces typer puts around required arguments."""
+class XatlCommand(TyperCommand):
+    """Every xatl command: its paths go through the write guard before any work, and its usage line is plain.
+
+    The guard reads the roles that the command's parameters declare (`Reads`, `Writes` in their Annotated types),
+    so a command added later is guarded by declaring them; tests/test_write_guard.py fails for a path option
+    without a role, and for a command of another class.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        guard_paths(self, ctx.params)
+        return super().invoke(ctx)
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        """`Usage: xatl convert [OPTIONS] SRC`, without the braces typer puts around required arguments."""
         pieces = super().collect_usage_pieces(ctx)
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
+
+
+def path_roles(command: click.Command) -> dict[str, Reads | Writes]:
+    """Each parameter's declared role (by parameter name), from the command function's Annotated types."""
+    function = inspect.unwrap(command.callback) if command.callback else None
+    if function is None:
+        return {}
+    hints = typing.get_type_hints(function, include_extras=True)
+    return {
+        name: role
+        for name, hint in hints.items()
+        for role in getattr(hint, "__metadata__", ())
+        if isinstance(role, (Reads, Writes))
+    }
+
+
+def option_name(command: click.Command, name: str) -> str:
+    """How the user spells a parameter: `--out` for an option, its metavar (`OUT`) for an argument."""
+    parameter = next(p for p in command.params if p.name == name)
+    return parameter.opts[0] if parameter.param_type_name == "option" else (parameter.metavar or name.upper())
+
+
+def guard_paths(command: click.Command, values: dict[str, Any]) -> None:
+    """The write guard over a command's declared inputs and outputs, with its --force."""
+    paths = CommandPaths()
+    cache_dir = values.get("cache_dir")
+    for name, role in path_roles(command).items():
+        value = values.get(name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(role, Reads):
+                paths.read(item, role.what, role.hub, cache_dir)
+            else:
+                paths.write(item, option_name(command, name), role.kind)
+    paths.check(force=bool(values.get("force", False)))
 
 
 app = typer.Typer(
@@ -200,7 +247,7 @@ def _quiet_transformers() -> None:
     transformers_logging.set_verbosity_error()
 
 
-@app.command("convert", cls=PlainUsageCommand)
+@app.command("convert", cls=XatlCommand)
 def convert_command(
     context: typer.Context,
     source: Annotated[
@@ -211,9 +258,12 @@ def convert_command(
             "(see `xatl sources`).",
             show_default=False,
         ),
+        Reads("the source checkpoint", hub="model"),
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", metavar="OUT", help="Output folder (written atomically).")
+        Path | None,
+        typer.Option("--out", "-o", metavar="OUT", help="Output folder (written atomically)."),
+        Writes("folder"),
     ] = None,
     to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
     revision: Annotated[
@@ -222,12 +272,14 @@ def convert_command(
     cache_dir: Annotated[
         Path | None,
         typer.Option(metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub)."),
+        Reads("the Hugging Face cache (--cache-dir)"),
     ] = None,
     mapping: Annotated[
         str | None,
         typer.Option(
             metavar="FILE|NAME", help="Mapping file or built-in mapping name (default: chosen by model_type)."
         ),
+        Reads("the mapping file"),
     ] = None,
     attn_layers: Annotated[
         str | None,
@@ -295,8 +347,15 @@ def convert_command(
         _print_warnings(plan.warnings)
         return
     if format != "xatl":
-        _convert_and_export(context, source, out, format, to, revision, cache_dir, mapping, attn_layers, overrides,
-                            torch_dtype, seed, force)  # fmt: skip
+        from xatl_convert.conversion import convert_to_format
+
+        plan, names = convert_to_format(
+            source, out, format, to=to, revision=revision, cache_dir=cache_dir, mapping=mapping,
+            attn_layers=attn_layers, overrides=overrides, dtype=torch_dtype, seed=seed, force=force,
+            command_line=_command_line(context), show_progress=sys.stdout.isatty(),
+        )  # fmt: skip
+        _print_warnings(plan.warnings)
+        _print_wrote(out, f"{format}, {len(names)} tensors; layers: {', '.join(plan.layer_types)}")
         return
     plan = convert(
         source,
@@ -329,15 +388,18 @@ def _print_wrote(out: Path, what: str) -> None:
     _console().print(f"[green]wrote[/] {out}: {what}", soft_wrap=True, highlight=False)
 
 
-@app.command("verify", cls=PlainUsageCommand)
+@app.command("verify", cls=XatlCommand)
 def verify_command(
-    output: Annotated[Path, typer.Argument(metavar="OUT", help="A folder written by xatl convert.")],
+    output: Annotated[
+        Path, typer.Argument(metavar="OUT", help="A folder written by xatl convert."), Reads("the converted folder")
+    ],
     source: Annotated[
         str | None,
         typer.Option(metavar="SRC", help="Source checkpoint (default: the path recorded in the manifest)."),
+        Reads("the source checkpoint", hub="model"),
     ] = None,
     json_path: Annotated[
-        Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here.")
+        Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here."), Writes("report")
     ] = None,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the from-scratch comparison model.")] = 0,
     device: Annotated[
@@ -354,6 +416,7 @@ def verify_command(
     text: Annotated[
         Path | None,
         typer.Option(metavar="FILE", help="Score this UTF-8 text (the output's tokenizer) instead of the sample."),
+        Reads("the --text file"),
     ] = None,
     max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to run.")] = 256,
     precision: Annotated[
@@ -365,18 +428,14 @@ def verify_command(
     if not (output / "xatl_manifest.json").is_file():
         raise XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?")
     from xatl_convert.tables import verify_table
-    from xatl_convert.verify import check_report_destination
     from xatl_convert.verify import verify as run_verify
-
-    if json_path is not None:
-        check_report_destination(json_path)  # fail before minutes of checks, not after
 
     _quiet_transformers()
     with _labelled_bars(sys.stderr.isatty(), transient=True) as progress:
         report = run_verify(output, source, seed, device, layers, text, max_tokens, precision, progress)
     _console().print(verify_table(report))
     if json_path is not None:
-        report.write_json(json_path)
+        write_report_file(json_path, report.to_json())
     if not report.passed:
         failed = ", ".join(check.name for check in report.checks if check.status == "fail")
         print_error(f"{output}: verify failed: {failed}")
@@ -406,12 +465,24 @@ def _labelled_bars(show: bool, transient: bool) -> Iterator[Callable[..., None] 
         yield advance
 
 
-@app.command("distill", cls=PlainUsageCommand)
+@app.command("distill", cls=XatlCommand)
 def distill_command(
-    student: Annotated[Path, typer.Argument(metavar="STUDENT", help="A folder written by xatl convert.")],
-    teacher: Annotated[str, typer.Option(metavar="SRC", help="The source model: local folder, Hub id or alias.")],
-    data: Annotated[str, typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id.")],
-    out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder (same layout as a conversion).")],
+    student: Annotated[
+        Path, typer.Argument(metavar="STUDENT", help="A folder written by xatl convert."), Reads("the student folder")
+    ],
+    teacher: Annotated[
+        str,
+        typer.Option(metavar="SRC", help="The source model: local folder, Hub id or alias."),
+        Reads("the teacher", hub="model"),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id."),
+        Reads("the --data text", hub="dataset"),
+    ],
+    out: Annotated[
+        Path, typer.Option(metavar="OUT", help="Output folder (same layout as a conversion)."), Writes("folder")
+    ],
     stage: Annotated[
         str, typer.Option(metavar="STAGE", help="all (align, then kd), align, kd, or ce (the paper: next-token + LIT).")
     ] = "all",
@@ -444,7 +515,9 @@ def distill_command(
     eval_every: Annotated[int, typer.Option(metavar="N", help="Held-out loss every N steps, for the curve.")] = 0,
     save_every: Annotated[int, typer.Option(metavar="N", help="Checkpoint every N steps (beside OUT).")] = 0,
     checkpoints: Annotated[
-        Path | None, typer.Option(metavar="DIR", help="Checkpoint folder (default: OUT.checkpoints).")
+        Path | None,
+        typer.Option(metavar="DIR", help="Checkpoint folder (default: OUT.checkpoints)."),
+        Writes("checkpoints"),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     seed: Annotated[int, typer.Option(metavar="N", help="Order of the training blocks.")] = 0,
@@ -452,25 +525,19 @@ def distill_command(
 ) -> None:
     """Train a conversion into a working model: each new mixer learns its attention layer (align), then the whole
     model the teacher's logits (kd, with LIT). Writes OUT, which xatl verify and xatl eval accept."""
+    from xatl_convert.settings import DistillSettings
+
+    settings = DistillSettings.from_options(
+        align_steps=align_steps, kd_steps=kd_steps, align_tokens=align_tokens, kd_tokens=kd_tokens,
+        batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, align_lr=align_lr, align_w_o=align_w_o,
+        kd_lr=kd_lr, unfreeze_lr=unfreeze_lr, freeze=freeze, temperature=temperature, ce_weight=ce_weight,
+        eval_every=eval_every, save_every=save_every, seed=seed,
+    )  # fmt: skip
     if stage not in ("all", "align", "kd", "ce"):
         raise XatlError(f"--stage {stage!r}: expected all, align, kd or ce")
     _quiet_transformers()
-    from xatl_convert.training.distill import DistillSettings, distill
+    from xatl_convert.training.distill import distill
 
-    for option, value in {"--batch-size": batch_size, "--grad-accum": grad_accum, "--block-size": block_size}.items():
-        if value < 1:
-            raise XatlError(f"{option} {value}: expected a positive number")
-    tokens_per_step = batch_size * block_size
-    if align_tokens is not None:
-        align_steps = -(-align_tokens // tokens_per_step)
-    if kd_tokens is not None:
-        kd_steps = -(-kd_tokens // tokens_per_step)
-    settings = DistillSettings(
-        align_steps=align_steps, kd_steps=kd_steps, batch_size=batch_size, grad_accum=grad_accum,
-        block_size=block_size, align_lr=align_lr, align_w_o=align_w_o, kd_lr=kd_lr, unfreeze_lr=unfreeze_lr,
-        freeze=freeze,
-        temperature=temperature, ce_weight=ce_weight, eval_every=eval_every, save_every=save_every, seed=seed,
-    )  # fmt: skip
     with _labelled_bars(sys.stderr.isatty(), transient=False) as progress:
         record = distill(
             student,
@@ -493,12 +560,22 @@ def distill_command(
     )
 
 
-@app.command("eval", cls=PlainUsageCommand)
+@app.command("eval", cls=XatlCommand)
 def eval_command(
-    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A folder written by xatl convert (or trained).")],
-    data: Annotated[str, typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id.")],
+    model: Annotated[
+        Path,
+        typer.Argument(metavar="MODEL", help="A folder written by xatl convert (or trained)."),
+        Reads("the model folder"),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(metavar="DATA", help="Text: .txt/.jsonl/.parquet files, a folder, a Hub id."),
+        Reads("the --data text", hub="dataset"),
+    ],
     teacher: Annotated[
-        str | None, typer.Option(metavar="SRC", help="Also score this model (the source), for the gap.")
+        str | None,
+        typer.Option(metavar="SRC", help="Also score this model (the source), for the gap."),
+        Reads("the teacher", hub="model"),
     ] = None,
     block_size: Annotated[int, typer.Option(metavar="N", help="Tokens per block.")] = 256,
     max_blocks: Annotated[int, typer.Option(metavar="N", help="Held-out blocks to score.")] = 32,
@@ -512,78 +589,40 @@ def eval_command(
         ),
     ] = "held-out",
     json_path: Annotated[
-        Path | None, typer.Option("--json", metavar="FILE", help="Write the results as JSON here.")
+        Path | None, typer.Option("--json", metavar="FILE", help="Write the results as JSON here."), Writes("report")
     ] = None,
 ) -> None:
     """Held-out loss and perplexity of MODEL (and the teacher) on DATA's held-out split, which never trains, or on
     all of DATA."""
-    if split not in ("held-out", "all"):
-        raise XatlError(f"--split {split!r}: expected held-out or all")
-    from xatl_convert.verify import check_report_destination
+    from xatl_convert.settings import EvalSettings
 
-    if json_path is not None:
-        check_report_destination(json_path)
+    settings = EvalSettings.from_options(block_size=block_size, max_blocks=max_blocks, batch_size=batch_size,
+                                         split=split)  # fmt: skip
     _quiet_transformers()
     from xatl_convert.tables import eval_gap_line, eval_table
     from xatl_convert.training.evaluate import evaluate_folder
 
-    result = evaluate_folder(
-        model, data, teacher, block_size, max_blocks, batch_size, "all" if split == "all" else "held_out"
-    )
+    result = evaluate_folder(model, data, teacher, settings)
     console = _console()
     console.print(eval_table(result))
     gap = eval_gap_line(result)
     if gap is not None:
         console.print(gap, soft_wrap=True, highlight=False)
     if json_path is not None:
-        result.write_json(json_path)
+        write_report_file(json_path, result.to_json())
 
 
-def _convert_and_export(
-    context: typer.Context,
-    source: str,
-    out: Path,
-    format: str,
-    to: str,
-    revision: str | None,
-    cache_dir: Path | None,
-    mapping: str | None,
-    attn_layers: str | None,
-    overrides: dict[str, Any],
-    dtype: Any,
-    seed: int,
-    force: bool,
-) -> None:
-    """`convert --format F`: check that the planned model fits F before writing a byte, convert into a temporary
-    xatl folder beside OUT, export that to OUT (the one export writer), remove the temporary folder."""
-    import tempfile
-
-    from xatl_convert.conversion import convert, plan_conversion
-    from xatl_convert.export import check_format, export_folder
-    from xatl_convert.output_folder import ensure_writable, output_location
-
-    ensure_writable(out, force)
-    plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)
-    plan.source.close()
-    check_format(format, plan.target_config.to_dict(), source)
-    parent = output_location(out).parent
-    with tempfile.TemporaryDirectory(dir=parent if parent.is_dir() else None, prefix=".xatl-convert-") as work:
-        converted = Path(work) / "xatl"
-        plan = convert(source, converted, to=to, revision=revision, cache_dir=cache_dir, mapping=mapping,
-                       attn_layers=attn_layers, overrides=overrides, dtype=dtype, seed=seed,
-                       command_line=_command_line(context), show_progress=sys.stdout.isatty())  # fmt: skip
-        _print_warnings(plan.warnings)
-        names = export_folder(converted, out, format, force)
-    _print_wrote(out, f"{format}, {len(names)} tensors; layers: {', '.join(plan.layer_types)}")
-
-
-@app.command("export", cls=PlainUsageCommand)
+@app.command("export", cls=XatlCommand)
 def export_command(
-    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A folder written by xatl convert (or trained).")],
+    folder: Annotated[
+        Path,
+        typer.Argument(metavar="FOLDER", help="A folder written by xatl convert (or trained)."),
+        Reads("the folder to export"),
+    ],
     format: Annotated[
         str, typer.Option(metavar="FORMAT", help="granitemoehybrid or bamba (transformers, vLLM), or mamba-ssm.")
     ],
-    out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder.")],
+    out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder."), Writes("folder")],
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write FOLDER in a format that engines load natively, or say every reason it would compute something else."""
@@ -594,11 +633,19 @@ def export_command(
     _print_wrote(out, f"{format}, {len(names)} tensors; loads with {FORMATS[format].LOADS_WITH}")
 
 
-@app.command("inspect", cls=PlainUsageCommand)
+@app.command("inspect", cls=XatlCommand)
 def inspect_command(
-    source: Annotated[str, typer.Argument(metavar="SRC", help="Local folder, Hub id (org/name[@revision]) or alias.")],
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SRC", help="Local folder, Hub id (org/name[@revision]) or alias."),
+        Reads("the source checkpoint", hub="model"),
+    ],
     revision: Annotated[str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Hugging Face cache folder.")] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="Hugging Face cache folder."),
+        Reads("the Hugging Face cache (--cache-dir)"),
+    ] = None,
 ) -> None:
     """Print the tensor inventory as a tree (per layer: shapes and dtypes) and which built-in mappings apply."""
     from xatl_convert.conversion import applicable_mappings
@@ -613,7 +660,7 @@ def inspect_command(
     _console().print(inventory_tree(source, inventory, applicable))
 
 
-@app.command("sources", cls=PlainUsageCommand)
+@app.command("sources", cls=XatlCommand)
 def sources_command() -> None:
     """List the source aliases, such as pythia-410m for EleutherAI/pythia-410m."""
     from xatl_convert.sources.aliases import ALIASES
@@ -626,7 +673,7 @@ def sources_command() -> None:
     _console().print(table)
 
 
-@mappings_app.command("list", cls=PlainUsageCommand)
+@mappings_app.command("list", cls=XatlCommand)
 def mappings_list() -> None:
     """List the built-in mappings."""
     from xatl_convert.mapping import builtin_mappings, load_mapping
@@ -640,9 +687,13 @@ def mappings_list() -> None:
     _console().print(table)
 
 
-@mappings_app.command("show", cls=PlainUsageCommand)
+@mappings_app.command("show", cls=XatlCommand)
 def mappings_show(
-    name: Annotated[str, typer.Argument(metavar="NAME|FILE", help="Built-in mapping name or a mapping file.")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME|FILE", help="Built-in mapping name or a mapping file."),
+        Reads("the mapping file"),
+    ],
 ) -> None:
     """Print a mapping's YAML."""
     from rich.syntax import Syntax
@@ -653,11 +704,17 @@ def mappings_show(
     _console().print(Syntax(mapping.text, "yaml", background_color="default"))
 
 
-@mappings_app.command("new", cls=PlainUsageCommand)
+@mappings_app.command("new", cls=XatlCommand)
 def mappings_new(
-    source: Annotated[str, typer.Option(metavar="SRC", help="Checkpoint to scaffold from (folder, Hub id or alias).")],
+    source: Annotated[
+        str,
+        typer.Option(metavar="SRC", help="Checkpoint to scaffold from (folder, Hub id or alias)."),
+        Reads("the source checkpoint", hub="model"),
+    ],
     to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
-    out: Annotated[Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout."), Writes("new-file")
+    ] = None,
 ) -> None:
     """Scaffold a mapping from a source's tensor inventory: {i} rules, recognised names filled in, TODOs marked."""
     from xatl_convert.mapping.scaffold import scaffold_mapping
@@ -669,18 +726,13 @@ def mappings_new(
     if out is None:
         sys.stdout.write(text)
         return
-    if out.exists():
-        raise XatlError(f"{out}: already exists; choose another --out, or omit it to print to stdout")
-    try:
-        out.write_text(text)
-    except OSError as error:
-        raise XatlError(f"{out}: cannot write: {error.strerror or error}") from None
+    write_new_file(out, text, "--out")
     _console(stderr=True).print(
         f"wrote {out}; fill in the TODOs, then: xatl mappings validate {out} --source {source}", highlight=False
     )
 
 
-@mappings_app.command("schema", cls=PlainUsageCommand)
+@mappings_app.command("schema", cls=XatlCommand)
 def mappings_schema() -> None:
     """Print the JSON Schema of the mapping format (for editor completion and validation)."""
     from xatl_convert.mapping import Mapping
@@ -688,12 +740,17 @@ def mappings_schema() -> None:
     sys.stdout.write(json.dumps(Mapping.model_json_schema(), indent=2) + "\n")
 
 
-@mappings_app.command("validate", cls=PlainUsageCommand)
+@mappings_app.command("validate", cls=XatlCommand)
 def mappings_validate(
-    file: Annotated[str, typer.Argument(metavar="FILE|NAME", help="Mapping file (or built-in name) to check.")],
+    file: Annotated[
+        str,
+        typer.Argument(metavar="FILE|NAME", help="Mapping file (or built-in name) to check."),
+        Reads("the mapping file"),
+    ],
     source: Annotated[
         str | None,
         typer.Option(metavar="SRC", help="Also check full coverage and every shape against this checkpoint."),
+        Reads("the source checkpoint", hub="model"),
     ] = None,
     attn_layers: Annotated[str | None, typer.Option(metavar="SPEC", help="Attention layers, as for convert.")] = None,
 ) -> None:

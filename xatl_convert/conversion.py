@@ -11,9 +11,10 @@ import torch
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import LCI_MIXERS, layer_selected
-from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output
+from xatl_convert.output_folder import ensure_writable
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
+from xatl_convert.write_guard import CommandPaths
 from xatl_convert.writer import DEFAULT_MAX_SHARD_BYTES, write_output
 
 TARGETS = LCI_MIXERS
@@ -120,6 +121,20 @@ def plan_conversion(
     return build_plan(checkpoint, chosen, attn_layers, overrides, dtype, seed)
 
 
+def conversion_inputs(
+    source: str | Path | SourceCheckpoint, mapping: str | Path | None = None, cache_dir: str | Path | None = None
+) -> CommandPaths:
+    """What a conversion reads, for the write guard: the source (a Hub id's cache), the mapping file, --cache-dir."""
+    paths = CommandPaths()
+    if isinstance(source, SourceCheckpoint):
+        paths.read(source.storage_root, "the source checkpoint")
+    else:
+        paths.read(source, "the source checkpoint", hub="model", cache_dir=Path(cache_dir) if cache_dir else None)
+    paths.read(mapping, "the mapping file")
+    paths.read(cache_dir, "the Hugging Face cache (--cache-dir)")
+    return paths
+
+
 def convert(
     source: str | Path | SourceCheckpoint,
     out: str | Path,
@@ -137,13 +152,37 @@ def convert(
     show_progress: bool = False,
 ) -> ConversionPlan:
     """Convert a source checkpoint into an xatl folder at `out`; returns the plan that was executed."""
-    local_source = source.path if isinstance(source, SourceCheckpoint) else Path(source).expanduser()
-    if local_source.exists():  # before "already exists; pass --force", which must never be said of the source
-        refuse_unsafe_output(Path(out), {local_source: "the source checkpoint"})
-    ensure_writable(Path(out), force)
+    # Before "already exists; pass --force", which must never be said of the source.
+    ensure_writable(Path(out), force, conversion_inputs(source, mapping, cache_dir).inputs)
     plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)
     try:
         write_output(plan, Path(out), force, max_shard_bytes, command_line, show_progress)
     finally:
         plan.source.close()
     return plan
+
+
+def convert_to_format(
+    source: str | Path,
+    out: str | Path,
+    format: str,
+    force: bool = False,
+    command_line: str | None = None,
+    show_progress: bool = False,
+    **options: Any,
+) -> tuple[ConversionPlan, list[str]]:
+    """`convert --format F`: check that the planned model fits F before writing a byte, convert into a scratch xatl
+    folder beside OUT, export that to OUT (the one export writer); the scratch folder goes either way. `options` are
+    `convert`'s (to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)."""
+    from xatl_convert.export import check_format, export_folder
+    from xatl_convert.output_folder import scratch_folder_beside
+
+    planned = {key: options.get(key) for key in ("to", "revision", "cache_dir", "mapping")}
+    ensure_writable(Path(out), force, conversion_inputs(source, planned["mapping"], planned["cache_dir"]).inputs)
+    plan = plan_conversion(source, **options)
+    plan.source.close()
+    check_format(format, plan.target_config.to_dict(), source)
+    with scratch_folder_beside(out) as work:
+        plan = convert(source, work / "xatl", command_line=command_line, show_progress=show_progress, **options)
+        names = export_folder(work / "xatl", out, format, force)
+    return plan, names

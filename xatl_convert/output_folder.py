@@ -2,8 +2,8 @@
 
 An output folder is built in a staging folder beside OUT and renamed into place at the end, so an error or an
 interrupt leaves nothing behind. Around that:
-- OUT may never be, contain or lie inside the source (or its Hub cache folder), nor be or contain a file the
-  conversion reads (the mapping) or the current directory: `--force` would otherwise delete them.
+- What OUT may be (never an input, the current or home folder; replaced only when xatl wrote it) is the write
+  guard's to say (`write_guard`), for every command alike.
 - A lock file beside OUT (`flock`, released by the kernel even after SIGKILL) keeps two conversions from writing the
   same OUT; whoever holds it removes the staging folders of runs that were killed.
 - The final rename never replaces anything unless `--force` was given: a folder that appeared at OUT while the
@@ -19,10 +19,12 @@ import errno
 import glob
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from xatl_convert.errors import OutputExistsError, OutputWriteError, UnsafeOutputError
+from xatl_convert.errors import OutputExistsError, OutputWriteError, UnsafeOutputError, XatlError
+from xatl_convert.write_guard import WriteTarget, check_write_targets, is_xatl_folder, target_location
 
 try:
     import fcntl
@@ -32,40 +34,20 @@ except ImportError:  # pragma: no cover  (Windows: no advisory locks; the no-rep
 PARTIAL_TAG = ".xatl-partial-"
 RETIRED_TAG = ".xatl-replaced-"
 LOCK_TAG = ".xatl-lock"
+SCRATCH_TAG = ".xatl-scratch-"
 
 
 def output_location(out: str | Path) -> Path:
-    """OUT as an absolute path whose parent has its symlinks resolved: the entry a conversion creates or replaces.
+    """OUT as an absolute path whose parent has its symlinks resolved: the entry a command creates or replaces.
 
     The last component is kept as given, so `--force` on a symlink replaces the link, never what it points to.
     """
-    path = Path(os.path.abspath(Path(out).expanduser()))
-    if path.name in ("", ".", ".."):
-        raise UnsafeOutputError(f"{out}: not a folder name that can be created or replaced")
-    return path.parent.resolve() / path.name
+    return target_location(WriteTarget("--out", Path(out)))
 
 
-def refuse_unsafe_output(out: Path, protected: dict[Path, str], current_dir: Path | None = None) -> None:
-    """Refuse an OUT that is, contains or lies inside a protected path (the source), or contains a file we read."""
-    location = output_location(out)
-    for path, what in protected.items():
-        guarded = path.resolve()
-        if location == guarded:
-            raise UnsafeOutputError(f"{out}: is {what} ({guarded}); choose another --out")
-        if guarded.is_relative_to(location):
-            raise UnsafeOutputError(f"{out}: contains {what} ({guarded}); choose another --out")
-        if guarded.is_dir() and location.is_relative_to(guarded):
-            raise UnsafeOutputError(f"{out}: lies inside {what} ({guarded}); choose another --out")
-    cwd = (current_dir or Path.cwd()).resolve()
-    if cwd.is_relative_to(location):
-        raise UnsafeOutputError(f"{out}: is or contains the current directory ({cwd}); choose another --out")
-
-
-def ensure_writable(out: str | Path, force: bool) -> None:
-    """Refuse an existing OUT unless forced (checked before planning, and again by the rename that finishes)."""
-    location = output_location(out)
-    if (location.exists() or location.is_symlink()) and not force:
-        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+def ensure_writable(out: str | Path, force: bool, protected: dict[Path, str] | None = None) -> None:
+    """The write guard's rules for OUT (see write_guard): checked before planning, and again by the final rename."""
+    check_write_targets([WriteTarget("--out", Path(out))], protected or {}, force)
 
 
 @contextlib.contextmanager
@@ -88,6 +70,22 @@ def staged_output(out: str | Path, force: bool, needed_bytes: int = 0) -> Iterat
                 _move_into_place(staging, location, out, force)
             finally:
                 _remove(staging)
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+
+
+@contextlib.contextmanager
+def scratch_folder_beside(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside OUT (for work that OUT is made from), removed at the end; parents created for it
+    are removed again if the work fails."""
+    location = output_location(out)
+    created = _create_parents(location.parent, out)
+    try:
+        with tempfile.TemporaryDirectory(dir=location.parent, prefix=f".{location.name}{SCRATCH_TAG}") as work:
+            yield Path(work)
     except BaseException:
         for folder in reversed(created):
             with contextlib.suppress(OSError):
@@ -119,9 +117,19 @@ def _create_parents(parent: Path, out: str | Path) -> list[Path]:
     return created
 
 
-@contextlib.contextmanager
-def _output_lock(location: Path, out: str | Path) -> Iterator[None]:
+def _output_lock(location: Path, out: str | Path) -> contextlib.AbstractContextManager[None]:
     """Hold `.NAME.xatl-lock` beside OUT for the whole write; a second conversion to the same OUT fails at once."""
+    busy = OutputExistsError(f"{out}: another xatl conversion is writing it now; wait for it, or choose another --out")
+    return exclusive_lock(location, out, busy)
+
+
+@contextlib.contextmanager
+def exclusive_lock(location: Path, name: str | Path, busy: XatlError) -> Iterator[None]:
+    """Hold the lock file `.NAME.xatl-lock` beside `location` (an output or checkpoint folder) while the block runs.
+
+    `flock` is released by the kernel even after SIGKILL, so a lock never outlives its process. A second holder fails
+    at once with `busy`; a parent folder that cannot be written fails with OutputWriteError naming `name`.
+    """
     if fcntl is None:  # pragma: no cover
         yield
         return
@@ -130,14 +138,12 @@ def _output_lock(location: Path, out: str | Path) -> Iterator[None]:
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise OutputWriteError(f"{out}: cannot write in {location.parent}: {error.strerror or error}") from None
+            raise OutputWriteError(f"{name}: cannot write in {location.parent}: {error.strerror or error}") from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(descriptor)
-            raise OutputExistsError(
-                f"{out}: another xatl conversion is writing it now; wait for it, or choose another --out"
-            ) from None
+            raise busy from None
         # The holder before us unlinks the file as it finishes: make sure we locked the file that is still there.
         try:
             same = os.path.samestat(os.fstat(descriptor), os.stat(lock_path))
@@ -193,6 +199,8 @@ def _move_into_place(staging: Path, location: Path, out: str | Path, force: bool
                 "(pass --force to replace it)"
             ) from None
         return
+    if not location.is_symlink() and location.is_dir() and any(location.iterdir()) and not is_xatl_folder(location):
+        raise UnsafeOutputError(f"{out}: became a folder xatl did not write while this ran; it was left as it is")
     retired = location.parent / f".{location.name}{RETIRED_TAG}{os.getpid()}"
     location.rename(retired)
     try:

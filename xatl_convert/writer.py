@@ -38,7 +38,7 @@ from xatl_convert.interrupts import sigterm_as_interrupt
 from xatl_convert.manifest import MANIFEST_NAME, build_manifest
 from xatl_convert.model_card import render_model_card
 from xatl_convert.models import XatlForCausalLM, init_xatl_weights
-from xatl_convert.output_folder import refuse_unsafe_output, staged_output
+from xatl_convert.output_folder import ensure_writable, staged_output
 from xatl_convert.plan import ConversionPlan, PlannedTensor
 
 SINGLE_SHARD_NAME = "model.safetensors"
@@ -93,7 +93,7 @@ def write_output(
     write (a full disk, no permission) into an OutputWriteError after removing what was staged.
     """
     out = Path(out)
-    refuse_unsafe_output(out, protected_paths(plan))
+    ensure_writable(out, force, protected_paths(plan))
     needed = plan.total_bytes() + sum(file.stat().st_size for file in plan.source.tokenizer_files())
     with sigterm_as_interrupt(), staged_output(out, force, needed) as staging:
         try:

@@ -25,17 +25,18 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 
 from xatl_convert.errors import OutputWriteError, XatlError
 from xatl_convert.manifest import MANIFEST_NAME, read_manifest
-from xatl_convert.output_folder import ensure_writable, refuse_unsafe_output, staged_output
+from xatl_convert.output_folder import staged_output
+from xatl_convert.settings import DistillSettings, SettingsError
+from xatl_convert.write_guard import CommandPaths
 from xatl_convert.writer import failed_file, safetensors_state, save_shard
 
 from .align import Aligner
@@ -47,52 +48,11 @@ from .evaluate import held_out_loss
 from .freeze import freeze_transferred, transferred_parameters
 from .kd import DistillationTrainer
 from .lit import LossImprovementThreshold
+from .pair import check_student, check_teacher, check_token_ids
 
 Stage = Literal["all", "align", "kd", "ce"]
+STAGES = ("all", "align", "kd", "ce")
 Progress = Callable[[str, int, int, dict[str, float]], None]  # (stage, step, steps, latest losses)
-
-
-class DistillSettingsError(XatlError):
-    """Settings that cannot run (a batch that does not split over processes and accumulation steps)."""
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Every knob of a distillation run, recorded as is in the manifest."""
-
-    align_steps: int = 100
-    kd_steps: int = 100
-    batch_size: int = 4  # blocks per optimiser step, over all processes and accumulation steps
-    grad_accum: int = 1
-    block_size: int = 256
-    align_lr: float = 1e-2  # peak; cosine decay to a tenth over the stage
-    align_w_o: bool = True  # align fits the transferred W_O (the mixers' out_proj) with the rest of each mixer
-    kd_lr: float = 1e-4
-    unfreeze_lr: float = 1e-4
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    freeze: bool = True  # transferred weights frozen until LIT (XATL); False trains every weight from the start
-    lit_preset: str = "paper-1pct"
-    lit_window: int = 20
-    held_out: float = 0.05
-    eval_blocks: int = 32  # as `xatl eval --max-blocks`, so that eval's gap uses the same blocks
-    eval_every: int = 0  # steps between held-out evaluations for the curve (0: start and end only)
-    save_every: int = 0  # steps between checkpoints (0: none)
-    seed: int = 0
-
-    def per_process_batch(self, processes: int) -> int:
-        """Blocks in one forward of one process; the global batch must split evenly."""
-        parts = processes * self.grad_accum
-        if self.batch_size % parts:
-            raise DistillSettingsError(
-                f"--batch-size {self.batch_size} does not split over {processes} process(es) × --grad-accum "
-                f"{self.grad_accum}; choose a multiple of {parts}"
-            )
-        return self.batch_size // parts
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.block_size
 
 
 def distill(
@@ -100,7 +60,7 @@ def distill(
     teacher_folder: str | Path,
     data: str,
     out: str | Path,
-    settings: DistillSettings = DistillSettings(),
+    settings: DistillSettings | None = None,
     stage: Stage = "all",
     force: bool = False,
     progress: Progress | None = None,
@@ -110,26 +70,35 @@ def distill(
     """Run the stages and write OUT (from the main process); returns the manifest's `distillation` record.
 
     `checkpoints` is the checkpoint folder (default `OUT.checkpoints` when `settings.save_every` is set); `resume`
-    continues from it. It is removed once OUT is written."""
+    continues from it. Once OUT is written, the checkpoints xatl wrote there are removed."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xatl_convert.sources import resolve_source
 
+    settings = settings or DistillSettings()
+    if stage not in STAGES:
+        raise SettingsError(f"--stage {stage!r}: expected {', '.join(STAGES)}")
     student_folder, out = Path(student_folder), Path(out)
+    if checkpoints is None and (settings.save_every or resume):
+        checkpoints = out.parent / f"{out.name}.checkpoints"
+    paths = CommandPaths()
+    paths.read(student_folder, "the student folder")
+    paths.read(teacher_folder, "the teacher", hub="model")
+    paths.read(data, "the --data text", hub="dataset")
+    paths.write(out, "--out", "folder")
+    paths.write(checkpoints, "--checkpoints", "checkpoints")
+    paths.check(force)
+    student_facts = check_student(student_folder, settings, stage)
     with resolve_source(teacher_folder) as checkpoint:  # a local folder, a Hub id or an alias, as for convert
         teacher_path = checkpoint.path
-        protected = {student_folder.resolve(): "the student folder", checkpoint.storage_root: "the teacher"}
-    refuse_unsafe_output(out, protected)
-    ensure_writable(out, force)
+    check_teacher(student_folder, teacher_path, student_facts)
     # Joins the process group under `accelerate launch` or torchrun (gloo on a machine without CUDA); one process
     # otherwise. The Trainer's own state is this shared one.
     processes = PartialState(cpu=not torch.cuda.is_available())
     settings.per_process_batch(processes.num_processes)
-    if checkpoints is None and (settings.save_every or resume):
-        checkpoints = out.parent / f"{out.name}.checkpoints"
     identity = {"student": str(student_folder.resolve()), "teacher": str(teacher_folder), "data": data,
-                "stage": stage, "settings": asdict(settings)}  # fmt: skip
+                "stage": stage, "settings": settings.model_dump()}  # fmt: skip
     saved = RunCheckpoints(Path(checkpoints) if checkpoints else None, identity, resume, processes.is_main_process)
     processes.wait_for_everyone()  # the main process has checked the checkpoint folder
     try:
@@ -138,6 +107,12 @@ def distill(
         tokenizer = AutoTokenizer.from_pretrained(student_folder)
         spec = DataSpec(data, block_size=settings.block_size, held_out=settings.held_out, seed=settings.seed)
         train, held_out = PackedBlocks.build(spec, tokenizer, "train"), PackedBlocks.build(spec, tokenizer, "held_out")
+        teacher_vocab = getattr(AutoConfig.from_pretrained(teacher_path), "vocab_size", None)
+        vocabularies = {"the student": student_facts["config"].vocab_size}
+        if isinstance(teacher_vocab, int):
+            vocabularies["the teacher"] = teacher_vocab
+        for blocks in (train.blocks, held_out.blocks):
+            check_token_ids(blocks, vocabularies, data)
         student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).to(processes.device)
         # The teacher only runs forward: bf16 on CUDA (half the memory, tensor cores), float32 on the CPU, where the
         # losses are computed in float32 either way.
@@ -159,6 +134,19 @@ def distill(
         raise
     processes.wait_for_everyone()
     return record
+
+
+class TrainingDivergedError(XatlError):
+    """A loss became NaN or infinite: the run stops, and nothing is written."""
+
+
+def check_finite_loss(stage: str, step: int, loss: float) -> None:
+    """Stop at the first non-finite loss, naming the stage and step (the usual cause: a learning rate too high)."""
+    if not math.isfinite(loss):
+        option = "--align-lr" if stage == "align" else "--kd-lr"
+        raise TrainingDivergedError(
+            f"{stage} step {step}: the loss is {loss}; the run stopped and wrote nothing; lower {option}"
+        )
 
 
 class _Run:
@@ -207,7 +195,7 @@ class _Run:
         return {
             "teacher": str(teacher_folder),
             "data": {"source": data, "train_blocks": len(self.train), "held_out_blocks": len(self.held_out)},
-            "settings": asdict(self.settings),
+            "settings": self.settings.model_dump(),
             **self.log["start"],
             "stages": [],
         }
@@ -222,7 +210,12 @@ class _Run:
         if not self._weights_current:  # a resumed run whose align finished before: its weights are checkpointed
             self.saved.load_align(self.student, None)
             self._weights_current = True
-        record = self.align() if name == "align" else self.train_with_lit(name)
+        steps, lr = (self.settings.align_steps, self.settings.align_lr) if name == "align" else (
+            self.settings.kd_steps, self.settings.kd_lr)  # fmt: skip
+        if steps == 0:  # a stage of 0 steps is skipped, and recorded as such
+            record = _stage_record(name, 0, lr, self.settings, skipped=True)
+        else:
+            record = self.align() if name == "align" else self.train_with_lit(name)
         self.log["done"].append(record)
         self._save_progress()
         return record
@@ -254,6 +247,7 @@ class _Run:
                 group["lr"] = settings.align_lr * cosine_to_a_tenth(step, settings.align_steps)
             losses = aligner.step(share, optimizer, micro_batches=settings.grad_accum)
             mean = sum(losses.values()) / max(len(losses), 1)
+            check_finite_loss("align", step + 1, mean)
             rows.append({"step": step + 1, "mean": mean, **{f"layer_{i}": value for i, value in losses.items()}})
             self._show("align", step + 1, settings.align_steps, {"align": mean}, began)
             self._align_points(step + 1, optimizer)
@@ -338,6 +332,7 @@ class _StageCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
         if logs and self.key in logs and "train_runtime" not in logs:
+            check_finite_loss(self.stage, state.global_step, float(logs[self.key]))
             row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             self.run.log["logs"][self.stage].append(row)
             losses = {self.key.split("/")[-1]: logs[self.key]}

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xatl_convert.errors import ReportError
+from xatl_convert.settings import EvalSettings
+from xatl_convert.write_guard import REPORT_KEY
 
 from .data import DataError, DataSpec, PackedBlocks, Split
 
@@ -89,28 +90,21 @@ class Evaluation:
             "gap_recovered": self.gap,
         }
 
-    def write_json(self, path: str | Path) -> None:
-        try:
-            Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        except OSError as error:
-            raise ReportError(f"{path}: cannot write the results ({error.strerror or error})") from None
+    def to_json(self) -> str:
+        """The results as JSON, marked as an xatl report (so that a later run may replace the file)."""
+        return json.dumps({REPORT_KEY: "eval", **self.to_dict()}, indent=2) + "\n"
 
 
 def evaluate_folder(
-    folder: Path,
-    data: str,
-    teacher: str | None = None,
-    block_size: int = 256,
-    max_blocks: int = 32,
-    batch_size: int = 4,
-    split: Split = "held_out",
+    folder: Path, data: str, teacher: str | None = None, settings: EvalSettings | None = None
 ) -> Evaluation:
     """Score a converted (or trained) folder, and optionally its teacher, on the held-out split of `data` (or, with
     `split="all"`, on all of it: for text that never trained), tokenised with the folder's own tokenizer. The starting
     loss for the gap comes from the manifest's `distillation.start_loss`, which `xatl distill` records on the
     held-out split of its own data."""
-    if split == "train":
-        raise DataError("the train split cannot measure a model; score the held-out split or all of a text")
+    settings = settings or EvalSettings()
+    block_size, max_blocks, batch_size = settings.block_size, settings.max_blocks, settings.batch_size
+    split: Split = "all" if settings.split == "all" else "held_out"
     from transformers import AutoModelForCausalLM
 
     from xatl_convert.manifest import read_manifest

@@ -1,6 +1,6 @@
 """`xatl verify`: checks of a converted folder, and the report they make."""
 
 from xatl_convert.verify.checks import verify
-from xatl_convert.verify.report import CheckResult, VerifyReport, check_report_destination
+from xatl_convert.verify.report import CheckResult, VerifyReport
 
-__all__ = ["CheckResult", "VerifyReport", "check_report_destination", "verify"]
+__all__ = ["CheckResult", "VerifyReport", "verify"]

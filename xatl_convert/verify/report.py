@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from xatl_convert.errors import ReportError
+from xatl_convert.write_guard import REPORT_KEY
 
 Status = Literal["pass", "fail", "skip"]
 
@@ -50,40 +48,9 @@ class VerifyReport:
             "checks": [asdict(check) for check in self.checks],
         }
 
-    def write_json(self, path: str | Path) -> None:
-        """Write the report for CI; an unwritable path is a ReportError naming it and the OS reason."""
-        text = json.dumps(self.to_dict(), indent=2, default=_json_number) + "\n"
-        try:
-            Path(path).write_text(text)
-        except OSError as error:
-            raise ReportError(f"{path}: cannot write the verify report ({_reason(error)}); {_CHOOSE}") from None
-
-
-_CHOOSE = "choose a writable file path for --json"
-
-
-def check_report_destination(path: str | Path) -> Path:
-    """Refuse an unwritable --json path before the checks run, not after minutes of forward passes.
-
-    Nothing is created: the folder must exist, and the file (or, when new, its folder) must be writable.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ReportError(f"{path}: is a folder, not a file; {_CHOOSE}, e.g. {path / 'verify.json'}")
-    folder = path.parent
-    if not folder.exists():
-        raise ReportError(f"{path}: folder {folder} does not exist; create it or {_CHOOSE}")
-    if not folder.is_dir():
-        raise ReportError(f"{path}: {folder} is a file, not a folder; {_CHOOSE}")
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(folder, os.W_OK | os.X_OK)
-    if not writable:
-        where = path if path.exists() else folder
-        raise ReportError(f"{path}: permission denied ({where} is not writable); {_CHOOSE}")
-    return path
-
-
-def _reason(error: OSError) -> str:
-    return error.strerror or str(error)
+    def to_json(self) -> str:
+        """The report as CI reads it, marked as an xatl report (so that a later run may replace the file)."""
+        return json.dumps({REPORT_KEY: "verify", **self.to_dict()}, indent=2, default=_json_number) + "\n"
 
 
 def _json_number(value: Any) -> Any:
