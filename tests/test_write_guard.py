@@ -210,7 +210,7 @@ def test_two_outputs_of_one_command_never_overlap(world: Path, monkeypatch: pyte
     monkeypatch.chdir(world / "work")
     before = tree_digest(world)
     for checkpoints in ("o", "o/checkpoints"):
-        arguments = INVOCATIONS["distill"](world)[:6] + ["--out", "o", "--checkpoints", checkpoints]
+        arguments = [*INVOCATIONS["distill"](world)[:6], "--out", "o", "--checkpoints", checkpoints]
         line = error_line(invoke(*arguments, "--save-every", "1", "--force"))
         assert "--checkpoints target" in line or "the --out target" in line
     assert tree_digest(world) == before and not (world / "work" / "o").exists()
