@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -234,17 +234,41 @@ def is_xatl_report(path: Path) -> bool:
 def write_report_file(path: str | Path, text: str, option: str = "--json") -> None:
     """Write a report atomically: into a temporary file beside it, renamed over it only if it is still ours."""
     target = WriteTarget(option, Path(path), "report")
-    location = target_location(target)
-    temporary = location.parent / f".{location.name}.xatl-partial-{os.getpid()}"
-    try:
-        temporary.write_text(text)
+
+    def replace_if_ours(temporary: Path, location: Path) -> None:
         if location.exists() and not is_xatl_report(location):  # appeared while the command ran
             raise UnsafeOutputError(
                 f"{_named(target)}: appeared while the command ran and is not an xatl report; it was left as it is"
             )
         os.replace(temporary, location)
+
+    _write_file_atomically(target, text, replace_if_ours)
+
+
+def write_new_file(path: str | Path, text: str, option: str = "--out") -> None:
+    """Write a file that must not exist yet (a scaffolded mapping): staged beside it, renamed without replacing."""
+    from xatl_convert.output_folder import rename_without_replacing
+
+    target = WriteTarget(option, Path(path), "new-file")
+
+    def rename_if_new(temporary: Path, location: Path) -> None:
+        try:
+            rename_without_replacing(temporary, location)
+        except FileExistsError:
+            raise OutputExistsError(f"{_named(target)}: appeared while the command ran; it was left as it is") from None
+
+    _write_file_atomically(target, text, rename_if_new)
+
+
+def _write_file_atomically(target: WriteTarget, text: str, move: Callable[[Path, Path], None]) -> None:
+    """Write `text` into a temporary file beside the target, then `move` it into place; nothing half-written stays."""
+    location = target_location(target)
+    temporary = location.parent / f".{location.name}.xatl-partial-{os.getpid()}"
+    try:
+        temporary.write_text(text)
+        move(temporary, location)
     except OSError as error:
-        raise OutputWriteError(f"{_named(target)}: cannot write the report ({error.strerror or error})") from None
+        raise OutputWriteError(f"{_named(target)}: cannot write it ({error.strerror or error})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
@@ -259,25 +283,6 @@ def storage_root(folder: Path) -> Path:
         if ancestor.parent.name == "snapshots" and ancestor.parent.parent.name.startswith("models--"):
             return ancestor.parent.parent
     return resolved
-
-
-def write_new_file(path: str | Path, text: str, option: str = "--out") -> None:
-    """Write a file that must not exist yet (a scaffolded mapping): staged beside it, renamed without replacing."""
-    from xatl_convert.output_folder import rename_without_replacing
-
-    target = WriteTarget(option, Path(path), "new-file")
-    location = target_location(target)
-    temporary = location.parent / f".{location.name}.xatl-partial-{os.getpid()}"
-    try:
-        temporary.write_text(text)
-        rename_without_replacing(temporary, location)
-    except FileExistsError:
-        raise OutputExistsError(f"{_named(target)}: appeared while the command ran; it was left as it is") from None
-    except OSError as error:
-        raise OutputWriteError(f"{_named(target)}: cannot write it ({error.strerror or error})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
 
 
 def _recorded_source(folder: Path) -> dict[Path, str]:
