@@ -86,8 +86,8 @@ def test_distill_refuses_bad_input_and_writes_nothing(
     missing_with_checkpoints = _distill(distill_student, tmp_path / "missing.txt", tmp_path / "o", "--save-every", "2")
     assert "no such file or folder" in error_line(missing_with_checkpoints)  # and no empty o.checkpoints left
     uneven = _distill(distill_student, distill_text, tmp_path / "o", "--batch-size", "3", "--grad-accum", "2")
-    assert "--batch-size 3 does not split over 1 process(es) × --grad-accum 2" in error_line(uneven)
-    assert "--grad-accum 0: expected a positive number" in error_line(
+    assert "--grad-accum 2 does not divide --batch-size 3" in error_line(uneven)
+    assert "--grad-accum 0: input should be greater than or equal to 1" in error_line(
         _distill(distill_student, distill_text, tmp_path / "o", "--grad-accum", "0")
     )
     assert tree_digest(tmp_path) == before

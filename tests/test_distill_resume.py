@@ -1,5 +1,6 @@
 """Checkpoints of `xatl distill`: a run interrupted in align, or in kd after LIT unfroze the transferred weights,
-resumes to exactly the weights of a run that was never interrupted; checkpoints of another run are refused."""
+resumes to exactly the weights of a run that was never interrupted, for every mixer kind; checkpoints of another run
+are refused."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedConfig
 
 from tests.bad_input import error_line, invoke, tree_digest
 from tests.conftest import DISTILL_TEXT, EXAMPLE_CHECKPOINT
+from xatl_convert.conversion import convert, parse_overrides
+from xatl_convert.mapping.layers import LCI_MIXERS
 from xatl_convert.training import distill as distill_module
 from xatl_convert.training.lit import LossImprovementThreshold
 
@@ -127,5 +131,42 @@ def test_checkpoints_of_another_run_are_refused(
     line = error_line(_distill(distill_student, distill_text, out, "--save-every", "2", "--resume", "--kd-lr", "5e-4"))
     assert f"{checkpoints}: its checkpoints are of another run (differs in settings)" in line
     line = error_line(_distill(distill_student, distill_text, out, "--save-every", "2"))
-    assert "holds checkpoints of an earlier run; pass --resume, or remove it" in line
+    assert f"{checkpoints}: holds checkpoints of an earlier xatl distill run; pass --resume to continue it" in line
+    assert "remove" not in line
     assert tree_digest(checkpoints) == before and not out.exists()
+
+
+@pytest.mark.parametrize("mixer", LCI_MIXERS)
+def test_kd_resumes_for_every_mixer_kind(mixer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Trainer re-reads a checkpoint's config.json as a plain PreTrainedConfig, whose validator once refused
+    `mamba2`: every mixer, beside a kept attention layer, resumes kd to the uninterrupted run's weights."""
+    student = tmp_path / "student"
+    overrides = parse_overrides(["mamba2.chunk_size=16"]) if mixer == "mamba2" else None  # 16-token blocks: quick
+    convert(EXAMPLE_CHECKPOINT, student, to=mixer, attn_layers="1", overrides=overrides)
+    config = json.loads((student / "config.json").read_text())
+    assert config["layer_types"] == [mixer, "attention", mixer, mixer]
+    PreTrainedConfig.from_json_file(student / "config.json")  # what the Trainer does with a checkpoint's config
+    text = tmp_path / "text.txt"
+    text.write_text(DISTILL_TEXT[:6000])  # 3 held-out blocks of 16 tokens: quick to score
+    steps = ["--stage", "kd", "--kd-steps", "3", "--block-size", "16", "--batch-size", "2", "--save-every", "2"]
+
+    def run(out: Path, *extra: str):
+        return invoke("distill", student, "--teacher", EXAMPLE_CHECKPOINT, "--data", text, "--out", out, *steps, *extra)
+
+    assert run(tmp_path / "whole").exit_code == 0
+    original_show = distill_module._Run._show
+
+    def interrupt(run_, stage, step, *args, **kwargs):
+        if (stage, step) == ("kd", 3):
+            raise KeyboardInterrupt
+        return original_show(run_, stage, step, *args, **kwargs)
+
+    monkeypatch.setattr(distill_module._Run, "_show", interrupt)
+    out = tmp_path / "out"
+    assert run(out).exit_code == 130
+    assert (tmp_path / "out.checkpoints" / "kd" / "checkpoint-2" / "config.json").is_file()
+    monkeypatch.setattr(distill_module._Run, "_show", original_show)
+    resumed = run(out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "out.checkpoints").exists()

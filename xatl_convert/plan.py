@@ -347,11 +347,10 @@ def _carries(target: XatlConfig, key: str) -> bool:
 
 def normalised_source_config(source: SourceCheckpoint) -> dict[str, Any]:
     """The source config.json, with transformers' current names filled in (e.g. rope_parameters)."""
-    from transformers import AutoConfig
+    from xatl_convert.sources.transformers_config import transformers_config
 
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    except (ValueError, KeyError, OSError):
+    config = transformers_config(source.config, source.path / "config.json")
+    if config is None:
         return dict(source.config)  # a model_type transformers does not know: the raw names are all there is
     return {**source.config, **config.to_dict()}
 

@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from xatl_convert.errors import OutputError
-from xatl_convert.export.writer import FORMATS, ExportedTensors, mapped_shards
+from xatl_convert.export.writer import FORMATS, ExportedTensors, mapped_shards, xatl_weights
+from xatl_convert.json_files import json_type
 from xatl_convert.verify.report import CheckResult, VerifyReport
 
 LOGIT_BOUND = 1e-5
 
 
 def is_export(folder: Path) -> bool:
-    """Whether the folder holds an export: its manifest has the record `xatl export` writes (mamba-ssm's config.json
-    has no model_type to tell it by)."""
+    """Whether the folder holds an export: its manifest has the `export` record that `xatl export` writes (mamba-ssm's
+    config.json has no model_type to tell it by). A malformed record counts: `verify_export` says what is wrong."""
     from xatl_convert.manifest import MANIFEST_NAME
 
     try:
-        return isinstance(json.loads((folder / MANIFEST_NAME).read_text()).get("export"), dict)
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(manifest, dict) and "export" in manifest
 
 
 def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int = 256) -> VerifyReport:
@@ -36,10 +39,7 @@ def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int 
     from xatl_convert.verify.checks import read_output_config, sample_input_ids
     from xatl_convert.verify.streaming import relative_error
 
-    record = read_manifest(folder).get("export")
-    if not isinstance(record, dict) or not isinstance(record.get("from"), str):
-        raise OutputError(f"{folder}: its manifest has no export record; export it again with xatl export")
-    origin, module = Path(record["from"]), FORMATS[record.get("format", "")]
+    origin, module = _export_record(folder, read_manifest(folder))
     if not (origin / "config.json").is_file():
         raise OutputError(f"{folder}: exported from {origin}, which is gone; verify needs that xatl folder")
     config = read_output_config(origin)
@@ -47,11 +47,12 @@ def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int 
     found = ExportedTensors(folder)
     expected: set[str] = set()
     differ: list[str] = []
-    for _, tensors in mapped_shards(origin, module, config.to_dict()):  # one xatl shard in memory at a time
-        for name, value in tensors.items():
-            expected.add(name)
-            if name not in found.files or not torch.equal(found.read(name), value):
-                differ.append(name)
+    with xatl_weights(origin) as weights:
+        for _, tensors in mapped_shards(weights, module, config.to_dict()):  # one xatl shard in memory at a time
+            for name, value in tensors.items():
+                expected.add(name)
+                if name not in found.files or not torch.equal(found.read(name), value):
+                    differ.append(name)
     differ.sort()
     extra = sorted(set(found.files) - expected)
     status = "pass" if not differ and not extra else "fail"
@@ -76,3 +77,21 @@ def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int 
                                      "pass" if error <= LOGIT_BOUND else "fail", f"{error:.1e}",
                                      f"relative ≤ {LOGIT_BOUND:g}", {"relative_error": error}))  # fmt: skip
     return report
+
+
+def _export_record(folder: Path, manifest: dict[str, Any]) -> tuple[Path, ModuleType]:
+    """The xatl folder an export came from and its format's module, from the manifest's `export` record."""
+    from xatl_convert.manifest import MANIFEST_NAME
+
+    where = f"{folder / MANIFEST_NAME}: its export record"
+    record = manifest.get("export")
+    if not isinstance(record, dict):
+        raise OutputError(f"{where} is {json_type(record)}, not an object with format and from; export again")
+    if not isinstance(record.get("from"), str) or not record["from"]:
+        raise OutputError(f'{where} has no "from" (the xatl folder it was exported from); export again')
+    format = record.get("format")
+    if not isinstance(format, str) or format not in FORMATS:
+        raise OutputError(
+            f"{where} names format {format!r}, which xatl does not export (known: {', '.join(FORMATS)}); export again"
+        )
+    return Path(record["from"]), FORMATS[format]

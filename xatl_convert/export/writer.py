@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from xatl_convert.errors import XatlError
+from xatl_convert.errors import OutputError, SourceError, XatlError
 from xatl_convert.export import bamba, granitemoehybrid, mamba_ssm
+from xatl_convert.sources.checkpoint import SourceCheckpoint, open_written_weights
 
 # Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
 # tensors(name, value, config), and optionally fuse(state, config) with WEIGHTS_FILE (tensors that several xatl
 # tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards).
 FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm)}
-SAFETENSORS = "model.safetensors"
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
             "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
 
@@ -40,27 +40,34 @@ def check_format(format: str, config: dict[str, Any], where: str | Path) -> Modu
     return module
 
 
-def mapped_shards(
-    folder: Path, module: ModuleType, config: dict[str, Any]
-) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """(file name, the format's tensors) for each weights file of the xatl folder, one file in memory at a time; a
-    format that joins tensors across files (mamba-ssm's fused in_proj, one .bin) gets them all at once."""
-    from safetensors import safe_open
+def xatl_weights(folder: Path) -> SourceCheckpoint:
+    """The xatl folder's weights, exactly as its shard index (or its one model.safetensors) names them: a missing,
+    empty, stray or foreign shard is one OutputError that names the file, before anything is written."""
+    try:
+        return open_written_weights(folder)
+    except SourceError as error:
+        raise OutputError(f"{error}; convert again") from None
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{folder}: no .safetensors weights to export")
+
+def mapped_shards(
+    weights: SourceCheckpoint, module: ModuleType, config: dict[str, Any]
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(file name, the format's tensors) for each weights file of the xatl folder (`xatl_weights`), one file in
+    memory at a time; a format that joins tensors across files (mamba-ssm's fused in_proj, one .bin) gets them all
+    at once."""
+    files: dict[str, list[str]] = {}
+    for name, info in weights.tensors.items():
+        files.setdefault(info.file, []).append(name)
     gathered: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file, names in files.items():
         mapped: dict[str, torch.Tensor] = {}
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                for renamed, value in module.tensors(name, handle.get_tensor(name), config):
-                    mapped[renamed] = value.contiguous()
+        for name in names:  # a copy, not a view of the file's memory map: the export owns what it writes
+            for renamed, value in module.tensors(name, weights.read(name).clone(), config):
+                mapped[renamed] = value.contiguous()
         if hasattr(module, "fuse"):
             gathered.update(mapped)
         else:
-            yield file.name, mapped
+            yield file, mapped
     if hasattr(module, "fuse"):
         yield module.WEIGHTS_FILE, module.fuse(gathered, config)
 
@@ -69,20 +76,25 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     """Write FOLDER (an xatl output) to OUT in `format`, shard by shard as FOLDER holds them; returns the names of
     the tensors written."""
     from xatl_convert.manifest import MANIFEST_NAME, read_manifest
-    from xatl_convert.output_folder import staged_output
+    from xatl_convert.output_folder import ensure_writable, staged_output
     from xatl_convert.verify.checks import read_output_config
+    from xatl_convert.write_guard import CommandPaths
     from xatl_convert.writer import SHARD_INDEX_NAME, save_shard
 
     folder = Path(folder)
+    paths = CommandPaths()
+    paths.read(folder, "the folder to export")
+    ensure_writable(out, force, paths.inputs)  # the write guard, for callers from Python too
     if format not in FORMATS:  # before reading anything
         raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
     config = read_output_config(folder).to_dict()
     module = check_format(format, config, folder)
     manifest = read_manifest(folder)
-    needed = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    weights = xatl_weights(folder)
+    needed = sum((folder / file).stat().st_size for file in {info.file for info in weights.tensors.values()})
     weight_map: dict[str, str] = {}
-    with staged_output(out, force, needed_bytes=needed) as staging:
-        for file_name, tensors in mapped_shards(folder, module, config):
+    with staged_output(out, force, needed_bytes=needed) as staging, weights:
+        for file_name, tensors in mapped_shards(weights, module, config):
             if file_name.endswith(".safetensors"):
                 save_shard(tensors, staging / file_name)
             else:  # mamba-ssm's from_pretrained reads pytorch_model.bin (plain tensors: loads with weights_only=True)
@@ -106,30 +118,15 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
 
 
 class ExportedTensors:
-    """The tensors an export holds (through its shard index, its one safetensors file, or its .bin, memory-mapped),
-    read one at a time."""
+    """The tensors an export holds (through its shard index, its one safetensors file, or its .bin), read one at a
+    time; the files are checked as `xatl_weights` checks an xatl folder's."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        from xatl_convert.writer import SHARD_INDEX_NAME
-
-        self._state: dict[str, torch.Tensor] | None = None
-        if (folder / SHARD_INDEX_NAME).is_file():
-            weight_map = json.loads((folder / SHARD_INDEX_NAME).read_text())["weight_map"]
-            self.files = {name: folder / file for name, file in weight_map.items()}
-        elif (folder / SAFETENSORS).is_file():
-            with safe_open(str(folder / SAFETENSORS), framework="pt") as handle:
-                self.files = dict.fromkeys(handle.keys(), folder / SAFETENSORS)
-        else:
-            weights = folder / mamba_ssm.WEIGHTS_FILE
-            self._state = torch.load(weights, weights_only=True, map_location="cpu", mmap=True)
-            self.files = dict.fromkeys(self._state, weights)
+        try:
+            self._weights = open_written_weights(folder)
+        except SourceError as error:
+            raise OutputError(f"{error}; export again") from None
+        self.files = {name: folder / info.file for name, info in self._weights.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if self._state is not None:
-            return self._state[name]
-        with safe_open(str(self.files[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        return self._weights.read(name)

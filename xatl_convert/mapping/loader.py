@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from xatl_convert.errors import MappingError
 from xatl_convert.mapping.schema import Mapping
+from xatl_convert.regular_files import require_regular_file
 
 BUILTIN_DIR_CANDIDATES = (
     Path(__file__).resolve().parent.parent / "builtin_mappings",  # installed wheel
@@ -179,7 +180,7 @@ def builtin_mappings() -> dict[str, Path]:
 def load_mapping(reference: str | Path) -> Mapping:
     """Load a mapping by built-in name (FAMILY-to-MIXER for a family file) or by file path."""
     path = Path(reference)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # a folder is no mapping file: a built-in name may match it
         known = builtin_mappings()
         if str(reference) in known:
             mapping = parse_mapping(_read_text(known[str(reference)]), str(known[str(reference)]))
@@ -196,6 +197,7 @@ def load_mapping(reference: str | Path) -> Mapping:
 
 def _read_text(path: Path) -> str:
     """The file as UTF-8 text, or a MappingError that says why not."""
+    require_regular_file(path, MappingError, "give a mapping YAML file")
     try:
         size = path.stat().st_size
         if size > MAX_MAPPING_BYTES:

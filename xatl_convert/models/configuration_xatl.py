@@ -20,6 +20,30 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LAYER_TYPES: tuple[str, ...] = ("attention", "mamba", "mamba2")
+
+
+def _register_layer_types_with_transformers() -> None:
+    """Let transformers read our config.json as a plain `PreTrainedConfig`, as the Trainer does when it resumes.
+
+    `Trainer._load_from_checkpoint` reads a checkpoint's config.json with the base class (for its version warning),
+    whose strict validator accepts only transformers' own layer-type names, after mapping legacy ones: "attention"
+    and "mamba" are mapped there ("full_attention", "linear_attention"), "mamba2" is not, so every resume of a Mamba2
+    student failed. Each recurrent mixer is mapped the way transformers maps "mamba"; XatlConfig keeps our names.
+    """
+    try:
+        from transformers import configuration_utils
+    except ImportError:  # pragma: no cover
+        return
+    remap = getattr(configuration_utils, "_LEGACY_LAYER_TYPE_REMAP", None)
+    allowed = getattr(configuration_utils, "ALLOWED_LAYER_TYPES", ())
+    if not isinstance(remap, dict) or "linear_attention" not in allowed:
+        return  # another transformers: nothing validates layer types this way
+    for kind in LAYER_TYPES:
+        if kind not in allowed:
+            remap.setdefault(kind, "full_attention" if kind == "attention" else "linear_attention")
+
+
+_register_layer_types_with_transformers()
 NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
 # Where a block's norms sit: "pre" norm → sublayer (Llama, GPT-NeoX); "post" sublayer → norm, added to the raw
 # stream (OLMo2); "sandwich" both (Gemma 2 and 3).

@@ -24,6 +24,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ KERNEL_MODULES: dict[str, tuple[str, str]] = {
 HUB_KERNELS_ENV = "XATL_HUB_KERNELS"
 # The repository transformers' own kernel mapping reads all five functions from (hub_kernels.py, version 5).
 DEFAULT_HUB_KERNELS = ("kernels-community/mamba-ssm", 5)
+_HUB_REPOSITORY = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?", re.ASCII)
 STAND_IN = "stand-in"
 PATHS = ("auto", "kernels", "reference")
 _PATH = "auto"  # set by `kernel_path()`
@@ -451,9 +453,12 @@ def _parse_hub_kernels(value: str) -> tuple[str, int] | None:
         return None
     if value.lower() in ("1", "true", "yes", "on"):
         return DEFAULT_HUB_KERNELS
-    repo, _, version = value.partition("@")
-    if not repo or (version and not version.isdigit()):
-        raise ValueError(f"{HUB_KERNELS_ENV}={value!r}: expected 1, 0, a kernel repository, or REPOSITORY@VERSION")
+    repo, at, version = value.partition("@")
+    expected = f"{HUB_KERNELS_ENV}={value!r}: expected 1, 0, a kernel repository, or REPOSITORY@VERSION"
+    if not repo or (at and not (version.isascii() and version.isdigit() and len(version) <= 6)):
+        raise ValueError(expected)
+    if not _HUB_REPOSITORY.fullmatch(repo):  # else `kernels` fails later, and only warns
+        raise ValueError(f"{expected} ({repo!r} is not a Hub repository OWNER/NAME, as {DEFAULT_HUB_KERNELS[0]})")
     return repo, int(version) if version else DEFAULT_HUB_KERNELS[1]
 
 

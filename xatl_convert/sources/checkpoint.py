@@ -32,6 +32,9 @@ import torch
 
 from xatl_convert.errors import SourceError, first_line
 from xatl_convert.json_files import json_type, read_json
+from xatl_convert.regular_files import require_regular_file
+from xatl_convert.sources.transformers_config import transformers_config
+from xatl_convert.write_guard import storage_root
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -183,17 +186,6 @@ class SourceCheckpoint:
         self.close()
 
 
-def storage_root(folder: Path) -> Path:
-    """The resolved checkpoint folder, or for a folder in a Hub snapshot (models--ORG--NAME/snapshots/<sha>[/sub])
-    the repo's cache folder: a snapshot's files are links into ../../blobs, so its bytes live in the whole repo folder.
-    """
-    resolved = Path(folder).resolve()
-    for ancestor in (resolved, *resolved.parents):
-        if ancestor.parent.name == "snapshots" and ancestor.parent.parent.name.startswith("models--"):
-            return ancestor.parent.parent
-    return resolved
-
-
 def open_checkpoint(path: Path, reference: str | None = None, revision: str | None = None) -> SourceCheckpoint:
     """Open a local checkpoint folder: config.json plus weights in safetensors (single or sharded) or .bin."""
     path = Path(path)
@@ -208,11 +200,15 @@ def _open(path: Path, reference: str | None, revision: str | None) -> SourceChec
         raise SourceError(f"{path}: not a folder (expected a checkpoint folder with config.json)")
     root = storage_root(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         raise SourceError(f"{path}: no config.json; is this a transformers checkpoint folder?")
     config = _read_json(config_path, root)
     if not isinstance(config, dict):
         raise SourceError(f"{config_path}: expected a JSON object, got {json_type(config)}")
+    for name in TOKENIZER_FILES:  # copied beside the output later: refuse a FIFO or device now, not then
+        if (path / name).exists():
+            _require_regular(path / name)
+    transformers_config(config, config_path)  # a value transformers refuses is one line here, for every command
     return SourceCheckpoint(
         path=path,
         reference=reference or str(path),
@@ -246,22 +242,86 @@ def _base_model_prefix(model_type: str) -> str:
 
 def _index_tensors(path: Path, root: Path) -> dict[str, TensorInfo]:
     """Find the weight files in their order of preference and list every tensor in them."""
-    if (path / SAFETENSORS_INDEX).is_file():
+    # exists(), not is_file(): a FIFO or a folder under a weights name is refused by name, not passed over
+    if (path / SAFETENSORS_INDEX).exists():
         return _index_safetensors(path, root, _shard_files(path / SAFETENSORS_INDEX, root))
-    if (path / SAFETENSORS_SINGLE).is_file():
+    if (path / SAFETENSORS_SINGLE).exists():
         return _index_safetensors(path, root, [SAFETENSORS_SINGLE])
     loose = sorted(p.name for p in path.glob("*.safetensors"))
     if loose:
         return _index_safetensors(path, root, loose)
-    if (path / TORCH_INDEX).is_file():
+    if (path / TORCH_INDEX).exists():
         return _index_torch(path, root, _shard_files(path / TORCH_INDEX, root))
-    if (path / TORCH_SINGLE).is_file():
+    if (path / TORCH_SINGLE).exists():
         return _index_torch(path, root, [TORCH_SINGLE])
     raise SourceError(f"{path}: no weights found (model.safetensors, its sharded index, or pytorch_model.bin)")
 
 
+def open_written_weights(folder: Path) -> SourceCheckpoint:
+    """The weights of a folder that xatl wrote (a conversion or an export), exactly as written, or a SourceError.
+
+    Through model.safetensors.index.json when present: every shard it names must exist and hold exactly the tensors
+    it assigns to that shard. Else the one model.safetensors, else the one pytorch_model.bin (a mamba-ssm export).
+    Never a glob: a .safetensors file that none of these names is refused, since reading around it would export or
+    check a model that silently lacks (or mixes in) tensors.
+    """
+    folder = Path(folder)
+    root = storage_root(folder)
+    index_path = folder / SAFETENSORS_INDEX
+    if index_path.is_file():
+        weight_map = _weight_map(index_path, root)
+        files = _checked_shards(index_path, root, weight_map)
+        named = f"{index_path.name} does not name it"
+    elif (folder / SAFETENSORS_SINGLE).is_file():
+        weight_map, files, named = None, [SAFETENSORS_SINGLE], f"there is no {SAFETENSORS_INDEX} to name it"
+    elif (folder / TORCH_SINGLE).is_file():
+        weight_map, files, named = None, [], f"there is no {SAFETENSORS_INDEX} to name it"
+    elif any(folder.glob("*.safetensors")):
+        raise SourceError(f"{index_path}: missing, and without it the folder's .safetensors shards cannot be read")
+    else:
+        raise SourceError(f"{folder}: no weights ({SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {TORCH_SINGLE})")
+    for stray in sorted(path.name for path in folder.glob("*.safetensors")):
+        if stray not in files:
+            raise SourceError(f"{folder / stray}: not part of the model: {named} (move it out of the folder)")
+    if not files:
+        return SourceCheckpoint(folder, str(folder), {}, _index_torch(folder, root, [TORCH_SINGLE]))
+    assigned: dict[str, set[str]] = {}
+    for name, shard in (weight_map or {}).items():
+        assigned.setdefault(shard, set()).add(name)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        _inside(folder / file, root)
+        held = _read_safetensors_header(folder / file, file)
+        if weight_map is not None:
+            _check_shard_holds_its_tensors(folder / file, index_path.name, assigned[file], held, weight_map)
+        tensors.update((info.name, info) for info in held)
+    return SourceCheckpoint(folder, str(folder), {}, tensors)
+
+
+def _check_shard_holds_its_tensors(
+    file: Path, index_name: str, assigned: set[str], held: list[TensorInfo], weight_map: dict[str, str]
+) -> None:
+    """A shard holds exactly the tensors the index assigns to it: one copied from another model (or another
+    sharding) would otherwise be read as if it belonged."""
+    names = {info.name for info in held}
+    foreign, lacking = sorted(names - assigned), sorted(assigned - names)
+    if foreign:
+        where = f"assigns it to {weight_map[foreign[0]]}" if foreign[0] in weight_map else "does not list it"
+        raise SourceError(f"{file}: a foreign shard: it holds tensor {_short(foreign[0])}, but {index_name} {where}")
+    if lacking:
+        raise SourceError(
+            f"{file}: a foreign shard: it lacks tensor {_short(lacking[0])}, which {index_name} assigns to it "
+            f"({len(lacking)} missing)"
+        )
+
+
 def _shard_files(index_path: Path, root: Path) -> list[str]:
     """The shard files a sharded index names, each checked to be a file inside the checkpoint."""
+    return _checked_shards(index_path, root, _weight_map(index_path, root))
+
+
+def _weight_map(index_path: Path, root: Path) -> dict[str, str]:
+    """A sharded index's weight_map (tensor name → shard file name), checked to be one."""
     index = _read_json(index_path, root)
     if not isinstance(index, dict):
         raise SourceError(f"{index_path}: not a valid shard index: expected a JSON object, got {json_type(index)}")
@@ -278,12 +338,18 @@ def _shard_files(index_path: Path, root: Path) -> list[str]:
                 f"{index_path}: weight_map maps tensor {_short(tensor)} to {json_type(shard)} {_short(shard)}, "
                 f"not a shard file name; {_DAMAGED}"
             )
+    return weight_map
+
+
+def _checked_shards(index_path: Path, root: Path, weight_map: dict[str, str]) -> list[str]:
+    """The weight_map's shard files, in order of first mention, each a file inside the checkpoint."""
     files = list(dict.fromkeys(weight_map.values()))
     for name in files:
         _check_shard_name(index_path, name)
         _inside(index_path.parent / name, root)
-        if not (index_path.parent / name).is_file():
+        if not (index_path.parent / name).exists():
             raise SourceError(f"{index_path}: names shard {_short(name)}, which is missing")
+        _require_regular(index_path.parent / name)
     return files
 
 
@@ -305,6 +371,7 @@ def _index_safetensors(path: Path, root: Path, files: list[str]) -> dict[str, Te
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         _inside(path / file, root)
+        _require_regular(path / file)
         for info in _read_safetensors_header(path / file, file):
             tensors[info.name] = info
     return tensors
@@ -463,6 +530,7 @@ def _index_torch(path: Path, root: Path, files: list[str]) -> dict[str, TensorIn
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         _inside(path / file, root)
+        _require_regular(path / file)
         for name, value in _torch_load(path / file).items():
             tensors[name] = TensorInfo(name, tuple(value.shape), value.dtype, file)
     return tensors
@@ -471,7 +539,14 @@ def _index_torch(path: Path, root: Path, files: list[str]) -> dict[str, TensorIn
 def _read_json(file: Path, root: Path) -> object:
     """Parse a UTF-8 JSON file of the checkpoint (config or shard index), naming it in every failure."""
     _inside(file, root)
+    _require_regular(file)
     return read_json(file, SourceError, "fix or re-download the checkpoint")
+
+
+def _require_regular(file: Path) -> None:
+    """Refuse a FIFO, device, socket or folder under a checkpoint file's name before anything opens it (a FIFO
+    would block the read)."""
+    require_regular_file(file, SourceError, "replace it by the checkpoint's own file")
 
 
 def _inside(file: Path, root: Path) -> Path:

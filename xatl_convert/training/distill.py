@@ -100,8 +100,8 @@ def distill(
     identity = {"student": str(student_folder.resolve()), "teacher": str(teacher_folder), "data": data,
                 "stage": stage, "settings": settings.model_dump()}  # fmt: skip
     saved = RunCheckpoints(Path(checkpoints) if checkpoints else None, identity, resume, processes.is_main_process)
-    processes.wait_for_everyone()  # the main process has checked the checkpoint folder
-    try:
+    with saved:  # holds the folder's lock; a failure keeps only what --resume needs, and names a full disk
+        processes.wait_for_everyone()  # the main process has checked the checkpoint folder
         torch.manual_seed(settings.seed)
         manifest = read_manifest(student_folder)
         tokenizer = AutoTokenizer.from_pretrained(student_folder)
@@ -129,9 +129,6 @@ def distill(
         if processes.is_main_process:
             _write(student, student_folder, out, manifest, record, saved.progress, force)
             saved.remove()
-    except BaseException:
-        saved.discard_if_unresumable()  # a run that failed before its first checkpoint leaves nothing behind
-        raise
     processes.wait_for_everyone()
     return record
 
@@ -285,7 +282,7 @@ class _Run:
             lit = LITCallback(controller)
         skip = settings.align_steps * settings.batch_size if self.saved.stage_done("align") else 0
         dataset = torch.utils.data.Subset(self.train, [(skip + i) % len(self.train) for i in range(len(self.train))])
-        resume_from = self.saved.latest_trainer_checkpoint(stage)
+        resume_from = self.saved.latest_trainer_checkpoint(stage, self.student)
         rows = self.log["logs"].setdefault(stage, [])
         done = int(resume_from.rsplit("-", 1)[-1]) if resume_from else 0
         del rows[done:]

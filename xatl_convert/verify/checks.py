@@ -21,8 +21,10 @@ from xatl_convert.errors import OutputError, SourceError, XatlError, first_line
 from xatl_convert.json_files import read_json
 from xatl_convert.manifest import read_manifest
 from xatl_convert.models import XatlConfig, XatlForCausalLM
+from xatl_convert.regular_files import require_regular_file
 from xatl_convert.sources import SourceCheckpoint, resolve_source
 from xatl_convert.sources.checkpoint import open_checkpoint
+from xatl_convert.sources.transformers_config import check_field_types
 from xatl_convert.verify.audit import TensorAudit
 from xatl_convert.verify.kernel_sites import SITE_TOKENS
 from xatl_convert.verify.passes import ConvertedPass, Progress, Run, next_token_loss, uniform_loss
@@ -269,6 +271,7 @@ def sample_input_ids(
     length = min(max_tokens, config.max_position_embeddings)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     if text is not None:
+        require_regular_file(text, XatlError, "give a UTF-8 text file", name=f"--text {text}")
         if not has_tokenizer:
             raise OutputError(f"{folder}: has no tokenizer to read --text {text} with; convert again")
         ids = load_output_tokenizer(folder)(_read_text(Path(text)), return_tensors="pt").input_ids[:, :length]
@@ -335,6 +338,7 @@ def read_output_config(folder: Path) -> XatlConfig:
     data = read_json(path, OutputError, "convert again", expect_object=True)
     if data.get("model_type") != XatlConfig.model_type:
         raise OutputError(f"{path}: model_type is {data.get('model_type')!r}, expected 'xatl'; convert again")
+    check_field_types(XatlConfig, data, path, OutputError, "convert again")  # transformers' own fields
     try:
         return XatlConfig.from_dict(data)
     except (ValueError, TypeError, KeyError, StrictDataclassError) as error:

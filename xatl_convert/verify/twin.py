@@ -139,10 +139,14 @@ def _summary(details: dict[str, Any], comparisons: int) -> str:
 def source_skeleton(checkpoint: SourceCheckpoint, dtype: torch.dtype) -> tuple[torch.nn.Module, int, CheckpointTensors]:
     """transformers' own model class for the source, on the meta device (no remote code, ever), its number of
     decoder blocks, and the reader of its tensors under that class's names."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from xatl_convert.sources.transformers_config import transformers_config
+
+    config = transformers_config(checkpoint.config, checkpoint.path / "config.json")
+    if config is None:
+        raise NoTwin(f"transformers has no model class for the source (model_type {checkpoint.model_type!r})")
     try:
-        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     except (ValueError, KeyError, OSError, TypeError) as error:
