@@ -69,7 +69,7 @@ def staged_output(out: str | Path, force: bool, needed_bytes: int = 0) -> Iterat
                 yield staging
                 _move_into_place(staging, location, out, force)
             finally:
-                _remove(staging)
+                remove_entry(staging)
     except BaseException:
         for folder in reversed(created):
             with contextlib.suppress(OSError):
@@ -164,7 +164,7 @@ def _remove_stale_staging(location: Path) -> None:
     """Remove staging and retired folders of earlier runs that were killed (we hold the lock: none is running)."""
     for tag in (PARTIAL_TAG, RETIRED_TAG):
         for leftover in location.parent.glob(f".{glob.escape(location.name)}{tag}*"):
-            _remove(leftover)
+            remove_entry(leftover)
 
 
 def _check_free_space(folder: Path, needed_bytes: int, out: str | Path) -> None:
@@ -209,10 +209,10 @@ def _move_into_place(staging: Path, location: Path, out: str | Path, force: bool
         with contextlib.suppress(OSError):
             rename_without_replacing(retired, location)  # put the old OUT back
         raise
-    _remove(retired)
+    remove_entry(retired)
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
     """Delete a file, a symlink (not its target) or a folder tree; quietly if it is already gone."""
     if path.is_symlink() or path.is_file():
         with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from xatl_convert.errors import OutputWriteError, XatlError, first_line
-from xatl_convert.output_folder import exclusive_lock
+from xatl_convert.output_folder import exclusive_lock, remove_entry
 from xatl_convert.writer import safetensors_state
 
 PROGRESS_NAME = "xatl_distill.json"
@@ -323,10 +323,10 @@ class RunCheckpoints:
         try:
             yield
         except _WRITE_ERRORS as error:
-            _remove(temporary)
+            remove_entry(temporary)
             raise _write_failed(self.folder, error) from None
         except BaseException:
-            _remove(temporary)
+            remove_entry(temporary)
             raise
 
     # ---- the end of the run ----------------------------------------------------------------------------------
@@ -368,21 +368,21 @@ class RunCheckpoints:
         """Remove temporary entries and Trainer checkpoints without their trainer_state.json; whether any was."""
         assert self.folder is not None
         for name in (PROGRESS_TEMPORARY, ALIGN_STAGING):
-            _remove(self.folder / name)
+            remove_entry(self.folder / name)
         cut_short = False
         for stage in STAGE_FOLDERS[1:]:
             folder = self.folder / stage
             if folder.is_dir() and not folder.is_symlink():
                 for checkpoint in _trainer_checkpoints(folder):
                     if not (checkpoint / TRAINER_STATE_NAME).exists():
-                        _remove(checkpoint)
+                        remove_entry(checkpoint)
                         cut_short = True
         return cut_short
 
     def _remove_ours(self, remove_folder: bool) -> None:
         assert self.folder is not None
         for name in OUR_ENTRIES:
-            _remove(self.folder / name)
+            remove_entry(self.folder / name)
         if remove_folder and not self.folder.is_symlink():
             with contextlib.suppress(OSError):
                 self.folder.rmdir()  # only if nothing else is left in it
@@ -517,12 +517,3 @@ def _write_failed(folder: Path | None, error: BaseException) -> OutputWriteError
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, a symlink (not its target) or a folder tree; quietly if it is already gone."""
-    if path.is_symlink() or path.is_file():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
