@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +13,18 @@ from safetensors.torch import save_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as transformers_logging
 
-import xatl_convert  # noqa: F401  (registers the xatl Auto classes)
+import xatl_convert  # (registers the xatl Auto classes)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("XATL_TEST_INSTALLED") and Path(xatl_convert.__file__).resolve().is_relative_to(REPO_ROOT):
+    raise pytest.UsageError(
+        f"XATL_TEST_INSTALLED is set but xatl_convert comes from the checkout ({xatl_convert.__file__}); install the "
+        "wheel (pip install .) and run the tests from tests/ (see .ci/run)"
+    )
 
 transformers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CHECKPOINT = REPO_ROOT / "examples" / "pythia-tiny"
 
 NeoxFactory = Callable[..., Path]

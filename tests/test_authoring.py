@@ -34,21 +34,18 @@ def test_inspect_of_an_unsupported_model_suggests_a_scaffold(tmp_path: Path) -> 
     assert "none for this model_type" in result.stdout and "xatl mappings new" in result.stdout
 
 
-def test_scaffold_is_valid_yaml_with_guesses_and_todos(tmp_path: Path) -> None:
+def test_scaffold_of_a_known_layout_is_complete_and_validates(tmp_path: Path) -> None:
     out = tmp_path / "new.yaml"
     result = runner.invoke(app, ["mappings", "new", "--source", str(EXAMPLE_CHECKPOINT), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    mapping = parse_mapping(out.read_text(), str(out))  # the schema accepts it as it is
+    assert not [line for line in out.read_text().splitlines() if "TODO" in line.split("#")[0]]  # none to fill in
+    mapping = parse_mapping(out.read_text(), str(out))
     rules = {(rule.target, rule.source, rule.where) for rule in mapping.rules}
     assert ("model.embed_tokens.weight", "gpt_neox.embed_in.weight", None) in rules
     assert ("lm_head.weight", "embed_out.weight", None) in rules
-    assert ("model.layers.{i}.mlp.fc1.weight", "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight", None) in rules
-    assert ("TODO", "gpt_neox.layers.{i}.attention.query_key_value.weight", "attention") in rules
-    assert mapping.target.config["hidden_size"] == "${source.hidden_size}"
-    assert mapping.target.config["norm_type"] == "TODO"
-    # validating against the source names the first thing left to do
+    assert mapping.name.startswith("my-")  # never the built-in mapping's name
     result = runner.invoke(app, ["mappings", "validate", str(out), "--source", str(EXAMPLE_CHECKPOINT)])
-    assert result.exit_code == 2 and "norm_type must be one of ['layernorm', 'rmsnorm'], got 'TODO'" in result.stderr
+    assert result.exit_code == 0, result.output
 
 
 def test_scaffold_with_todos_filled_in_converts(tmp_path: Path) -> None:

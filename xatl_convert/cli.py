@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
     import click
 
 from xatl_convert.errors import XatlError, first_line
+from xatl_convert.export_formats import export_formats_help
 from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
 from xatl_convert.mapping.layers import LCI_MIXERS, PRESETS
 from xatl_convert.write_guard import CommandPaths, Reads, Writes, write_new_file, write_report_file
@@ -42,8 +43,15 @@ TRACEBACK_VARIABLE = "XATL_TRACEBACK"  # set to 1 to see the traceback of an une
 def _console(stderr: bool = False) -> Console:
     """A console bound to the current stdout/stderr (created per command, so tests can capture it)."""
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else int(os.environ.get("COLUMNS", PIPED_WIDTH))
+    width = None if stream is not None and stream.isatty() else _piped_width()
     return Console(stderr=stderr, width=width)
+
+
+def _piped_width() -> int:
+    """COLUMNS when it is a usable width, else PIPED_WIDTH: an empty, zero or malformed COLUMNS must neither hide the
+    output (rich prints nothing at width 0) nor turn an error line into a traceback."""
+    text = os.environ.get("COLUMNS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else PIPED_WIDTH
 
 
 def print_error(message: str) -> None:
@@ -197,6 +205,26 @@ mappings_app = typer.Typer(
 )
 app.add_typer(mappings_app, name="mappings")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from xatl_convert import __version__
+
+        _console().print(f"xatl-convert {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Convert pretrained Transformer checkpoints into linear-cost-inference models (Mamba, hybrids) by
+    cross-architecture transfer, and verify the result."""
+
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 _PRESET_HELP = "; ".join(f"{name}: {text}" for name, text in PRESETS.items())
@@ -317,7 +345,7 @@ def convert_command(
         str,
         typer.Option(
             metavar="FORMAT",
-            help="xatl (default), or granitemoehybrid: a format transformers loads with no remote code.",
+            help=f"xatl (default), or a format that loads without xatl's code: {export_formats_help()}.",
         ),
     ] = "xatl",
     show_all: Annotated[
@@ -333,6 +361,7 @@ def convert_command(
     import torch
 
     from xatl_convert.conversion import convert, init_overrides, parse_overrides, plan_conversion
+    from xatl_convert.tables import layer_summary
 
     _quiet_transformers()
     torch_dtype = getattr(torch, dtype) if dtype else None
@@ -355,7 +384,7 @@ def convert_command(
             command_line=_command_line(context), show_progress=sys.stdout.isatty(),
         )  # fmt: skip
         _print_warnings(plan.warnings)
-        _print_wrote(out, f"{format}, {len(names)} tensors; layers: {', '.join(plan.layer_types)}")
+        _print_wrote(out, f"{format}, {len(names)} tensors; layers: {layer_summary(plan.layer_types)}")
         return
     plan = convert(
         source,
@@ -379,7 +408,7 @@ def convert_command(
         out,
         f"{len(transferred)} tensors transferred ({plan.total_bytes('transferred'):,} bytes), "
         f"{len(initialised)} initialised ({plan.total_bytes('initialised'):,} bytes), "
-        f"{len(plan.dropped)} source tensors dropped; layers: {', '.join(plan.layer_types)}",
+        f"{len(plan.dropped)} source tensors dropped; layers: {layer_summary(plan.layer_types)}",
     )
 
 
@@ -400,6 +429,11 @@ def verify_command(
     ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here."), Writes("report")
+    ] = None,
+    junit_path: Annotated[
+        Path | None,
+        typer.Option("--junit", metavar="FILE", help="Write the report as JUnit XML here, for CI test reporters."),
+        Writes("report"),
     ] = None,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the from-scratch comparison model.")] = 0,
     device: Annotated[
@@ -427,15 +461,21 @@ def verify_command(
     the source twin, decoding. Exit 1 if a check fails."""
     if not (output / "xatl_manifest.json").is_file():
         raise XatlError(f"{output}: no xatl_manifest.json; is this a folder written by xatl convert?")
+    import time
+
     from xatl_convert.tables import verify_table
     from xatl_convert.verify import verify as run_verify
 
     _quiet_transformers()
+    started = time.monotonic()
     with _labelled_bars(sys.stderr.isatty(), transient=True) as progress:
         report = run_verify(output, source, seed, device, layers, text, max_tokens, precision, progress)
+    seconds = time.monotonic() - started
     _console().print(verify_table(report))
     if json_path is not None:
-        write_report_file(json_path, report.to_json())
+        write_report_file(json_path, report.to_json(), "--json")
+    if junit_path is not None:
+        write_report_file(junit_path, report.to_junit(seconds), "--junit")
     if not report.passed:
         failed = ", ".join(check.name for check in report.checks if check.status == "fail")
         print_error(f"{output}: verify failed: {failed}")
@@ -619,9 +659,7 @@ def export_command(
         typer.Argument(metavar="FOLDER", help="A folder written by xatl convert (or trained)."),
         Reads("the folder to export"),
     ],
-    format: Annotated[
-        str, typer.Option(metavar="FORMAT", help="granitemoehybrid or bamba (transformers, vLLM), or mamba-ssm.")
-    ],
+    format: Annotated[str, typer.Option(metavar="FORMAT", help=f"{export_formats_help()}.")],
     out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder."), Writes("folder")],
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -716,7 +754,7 @@ def mappings_new(
         Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout."), Writes("new-file")
     ] = None,
 ) -> None:
-    """Scaffold a mapping from a source's tensor inventory: {i} rules, recognised names filled in, TODOs marked."""
+    """Scaffold a mapping for one mixer from a source's tensors and config: what it recognises filled, TODOs marked."""
     from xatl_convert.mapping.scaffold import scaffold_mapping
     from xatl_convert.sources import resolve_source
 
@@ -728,7 +766,8 @@ def mappings_new(
         return
     write_new_file(out, text, "--out")
     _console(stderr=True).print(
-        f"wrote {out}; fill in the TODOs, then: xatl mappings validate {out} --source {source}", highlight=False
+        f"wrote {out}; fill in any TODO and check every guess, then: xatl mappings validate {out} --source {source}",
+        highlight=False,
     )
 
 
@@ -742,9 +781,9 @@ def mappings_schema() -> None:
 
 @mappings_app.command("validate", cls=XatlCommand)
 def mappings_validate(
-    file: Annotated[
-        str,
-        typer.Argument(metavar="FILE|NAME", help="Mapping file (or built-in name) to check."),
+    files: Annotated[
+        list[str],
+        typer.Argument(metavar="FILE|NAME", help="Mapping files (or built-in names) to check, one or more."),
         Reads("the mapping file"),
     ],
     source: Annotated[
@@ -754,24 +793,54 @@ def mappings_validate(
     ] = None,
     attn_layers: Annotated[str | None, typer.Option(metavar="SPEC", help="Attention layers, as for convert.")] = None,
 ) -> None:
-    """Check a mapping's schema, and with --source its coverage and shapes. Writes nothing."""
-    from xatl_convert.mapping import load_mapping
+    """Check mappings' schema, and with --source their coverage and shapes; every file, then exit 2 if any failed.
 
-    mapping = load_mapping(file)
-    if source is None:
-        _console().print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)", highlight=False)
-        return
-    from xatl_convert.plan import build_plan
-    from xatl_convert.sources import resolve_source
+    One `ok FILE: …` line per good file on stdout, one `error: FILE:LINE: …` line per bad file on stderr, so that
+    pre-commit and CI list everything there is to fix in one run. Writes nothing.
+    """
+    from xatl_convert.mapping import Mapping, load_mapping
 
-    _quiet_transformers()
-    with resolve_source(source) as checkpoint:
-        plan = build_plan(checkpoint, mapping, attn_layers)
-    _console().print(
-        f"[green]ok[/] {file} covers {source}: {len(plan.by_status('transferred'))} transferred, "
-        f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped",
-        highlight=False,
-    )
+    failures = 0
+
+    def refused(error: XatlError, mapping_file: str | None = None) -> None:
+        nonlocal failures
+        if len(files) == 1:
+            raise error  # one file: its error is the command's one line, as for any command
+        message = str(error)
+        if mapping_file is not None and not message.startswith(mapping_file):  # a plan error names no mapping
+            message = f"{mapping_file}: {message}"
+        print_error(message)
+        failures += 1
+
+    loaded: list[tuple[str, Mapping]] = []
+    for file in files:
+        try:
+            mapping = load_mapping(file)
+        except XatlError as error:
+            refused(error)
+            continue
+        loaded.append((file, mapping))
+        if source is None:
+            _console().print(f"[green]ok[/] {file}: schema valid ({len(mapping.rules)} rules)", highlight=False)
+    if source is not None and loaded:
+        from xatl_convert.plan import build_plan
+        from xatl_convert.sources import resolve_source
+
+        _quiet_transformers()
+        with resolve_source(source) as checkpoint:  # read once, for every file
+            for file, mapping in loaded:
+                try:
+                    plan = build_plan(checkpoint, mapping, attn_layers)
+                except XatlError as error:
+                    refused(error, mapping.file)
+                    continue
+                _console().print(
+                    f"[green]ok[/] {file} covers {source}: {len(plan.by_status('transferred'))} transferred, "
+                    f"{len(plan.by_status('initialised'))} initialised, {len(plan.dropped)} dropped",
+                    highlight=False,
+                )
+    if failures:
+        raise typer.Exit(2)
 
 
 def main() -> None:

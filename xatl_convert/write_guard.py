@@ -88,6 +88,13 @@ class CommandPaths:
         check_write_targets(self.targets, self.inputs, force)
 
 
+def xatl_version() -> str:
+    """The installed xatl-convert's version, which every manifest, report and export record carries."""
+    from xatl_convert import __version__
+
+    return __version__
+
+
 def hub_caches(cache_dir: str | Path | None = None) -> dict[Path, str]:
     """The folders a Hub input is read from: the model cache (or --cache-dir) and HF_HOME with the datasets cache."""
     from huggingface_hub import constants
@@ -218,17 +225,36 @@ def is_xatl_folder(folder: Path) -> bool:
 
 
 def is_xatl_report(path: Path) -> bool:
-    """Whether a file is a JSON report this tool wrote (read only when it is a small regular file)."""
+    """Whether a file is a report this tool wrote, JSON or JUnit XML (read only when it is a small regular file)."""
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > 64 * 1024**2:
             return False
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        if text.startswith("<?xml"):
+            return _is_xatl_junit(text)
+        data = json.loads(text)
     except (OSError, ValueError):
         return False
     if not isinstance(data, dict):
         return False
     legacy = {"output", "passed", "checks"} <= data.keys() or {"model", "data", "losses"} <= data.keys()
     return REPORT_KEY in data or legacy
+
+
+def _is_xatl_junit(text: str) -> bool:
+    """A JUnit file is xatl's when a testsuite records the `xatl_report` property (see VerifyReport.to_junit)."""
+    import xml.etree.ElementTree as ElementTree
+
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # xatl writes neither, so no entity is ever expanded
+        return False
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return False
+    if root.tag != "testsuites":
+        return False
+    recorded = root.findall(f"./testsuite/properties/property[@name='{REPORT_KEY}']")
+    return any(element.get("value") for element in recorded)
 
 
 def write_report_file(path: str | Path, text: str, option: str = "--json") -> None:

@@ -24,6 +24,9 @@ _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
             "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
 
 
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
 class ExportError(XatlError):
     """The folder cannot be exported to the format without computing something else; says every reason."""
 
@@ -78,8 +81,8 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     from xatl_convert.manifest import MANIFEST_NAME, read_manifest
     from xatl_convert.output_folder import ensure_writable, staged_output
     from xatl_convert.verify.checks import read_output_config
-    from xatl_convert.write_guard import CommandPaths
-    from xatl_convert.writer import SHARD_INDEX_NAME, save_shard
+    from xatl_convert.write_guard import CommandPaths, xatl_version
+    from xatl_convert.writer import SHARD_INDEX_NAME, copy_named_chat_templates, save_shard
 
     folder = Path(folder)
     paths = CommandPaths()
@@ -87,7 +90,7 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
     ensure_writable(out, force, paths.inputs)  # the write guard, for callers from Python too
     if format not in FORMATS:  # before reading anything
         raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
-    config = read_output_config(folder).to_dict()
+    config = _with_token_ids(read_output_config(folder).to_dict(), folder)
     module = check_format(format, config, folder)
     manifest = read_manifest(folder)
     weights = xatl_weights(folder)
@@ -108,13 +111,35 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
         for name in _CARRIED:
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staging / name)
+        copy_named_chat_templates(folder, staging)
         if not target.get("use_cache", True):  # generate() reads its own config: without a cache it runs
             generation = staging / "generation_config.json"
             settings = json.loads(generation.read_text()) if generation.is_file() else {}
             generation.write_text(json.dumps({**settings, "use_cache": False}, indent=2) + "\n")
-        manifest["export"] = {"format": format, "from": str(folder)}
+        manifest["export"] = {"format": format, "from": str(folder), "xatl_convert_version": xatl_version()}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return sorted(weight_map)
+
+
+def _with_token_ids(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The config, its missing pad/bos/eos token ids taken from the folder's generation_config.json (the source's):
+    folders converted before the mappings carried pad_token_id have it there only."""
+    try:
+        generation = json.loads((folder / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return config
+    if not isinstance(generation, dict):
+        return config
+    missing = {
+        key: generation[key] for key in _TOKEN_IDS if config.get(key) is None and _is_token_id(generation.get(key))
+    }
+    return {**config, **missing}
+
+
+def _is_token_id(value: Any) -> bool:
+    """An id or a list of ids (eos may be several), as config.json holds them."""
+    ids = value if isinstance(value, list) else [value]
+    return bool(ids) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
 
 
 class ExportedTensors:

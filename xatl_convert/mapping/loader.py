@@ -2,7 +2,9 @@
 
 YAML and schema errors name file:line:column and suggest the nearest valid key. The YAML node tree is kept only
 to find those positions and the line of each rule. Before anything is built from it, the tree is bounded: no
-duplicate keys, no alias cycles, no alias "bombs" that expand to billions of values, no absurd nesting.
+duplicate keys, no alias cycles, no alias "bombs" that expand to billions of values, no absurd nesting. A `TODO`
+left in any value (the placeholder `xatl mappings new` writes for what it could not fill in) is refused, each one
+named by file and line, so that an unfinished scaffold never passes validation or converts.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ BUILTIN_DIR_CANDIDATES = (
 MAX_MAPPING_BYTES = 4 * 1024 * 1024  # the built-in mappings are a few KB
 MAX_YAML_NODES = 100_000  # values in a document with every alias expanded; a mapping has a few thousand
 MAX_YAML_DEPTH = 64  # nesting; a mapping needs about 8
+PLACEHOLDER = re.compile(r"\bTODO\b")  # what `xatl mappings new` writes where the user must decide
+MAX_PLACEHOLDERS_NAMED = 12  # one error line names this many TODOs, then counts the rest
 
 
 class YamlInputError(ValueError):
@@ -223,6 +227,7 @@ def parse_mapping(text: str, file: str = "<mapping>") -> Mapping:
         raise MappingError(f"{error.where(file)}: {error}") from None
     if not isinstance(data, dict):
         raise MappingError(f"{file}:1:1: a mapping file is a YAML mapping with keys name, source, target, rules")
+    _refuse_placeholders(root, file)
     try:
         mapping = Mapping.model_validate(data)
     except ValidationError as error:
@@ -233,6 +238,43 @@ def parse_mapping(text: str, file: str = "<mapping>") -> Mapping:
             node = _node_at(root, (key, index))
             item._location = f"{file}:{node.start_mark.line + 1}" if node is not None else file
     return mapping
+
+
+def _placeholders(root: yaml.Node | None) -> list[tuple[int, str]]:
+    """(line, dotted key path) of every YAML key or value that still holds a TODO, in line order.
+
+    A comment that mentions TODO is no placeholder (comments are not in the tree). A node that aliases share is
+    named once, at its anchor.
+    """
+    found: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    while stack:  # children are pushed last first, so that nodes are met in document order
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode) and PLACEHOLDER.search(str(node.value)):
+            found.append((node.start_mark.line + 1, path or "(top level)"))
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, value_node in reversed(node.value):
+                key = f"{path}.{key_node.value}" if path else str(key_node.value)
+                stack += [(value_node, key), (key_node, key)]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, f"{path}[{index}]") for index, item in reversed(list(enumerate(node.value)))]
+    return sorted(set(found))
+
+
+def _refuse_placeholders(root: yaml.Node | None, file: str) -> None:
+    """One MappingError naming every TODO left (`FILE:LINE: TODO left: KEY`), so that one run lists all the work."""
+    found = _placeholders(root)
+    if not found:
+        return
+    named = [f"{file}:{line}: TODO left: {path}" for line, path in found[:MAX_PLACEHOLDERS_NAMED]]
+    if len(found) > len(named):
+        named.append(f"{len(found) - len(named)} more")
+    advice = "fill it in" if len(found) == 1 else f"fill them in ({len(found)} TODOs)"
+    raise MappingError(f"{'; '.join(named)}; {advice}")
 
 
 def locate(mapping: Mapping, path: tuple[Any, ...]) -> str:

@@ -138,7 +138,7 @@ class SourceMatch(_Strict):
 
 
 # JSON Schema of each kind of config value, for editors; the values themselves are checked by XatlConfig once
-# every `${...}` is evaluated (before that, "${source.hidden_size}" or a scaffold's TODO is fine).
+# every `${...}` is evaluated (before that, "${source.hidden_size}" is fine; a scaffold's TODO the loader refuses).
 _EXPRESSION_SCHEMA = {"type": "string", "pattern": r"^\s*\$\{.*\}\s*$"}
 _JSON_TYPES: dict[str, dict[str, Any]] = {
     "int": {"type": "integer", "minimum": 1},

@@ -34,10 +34,11 @@ from transformers import AutoConfig, TrainerCallback
 
 from xatl_convert.errors import OutputWriteError, XatlError
 from xatl_convert.manifest import MANIFEST_NAME, read_manifest
+from xatl_convert.model_card import MODEL_CARD_NAME, render_distilled_card
 from xatl_convert.output_folder import staged_output
 from xatl_convert.settings import DistillSettings, SettingsError
-from xatl_convert.write_guard import CommandPaths
-from xatl_convert.writer import failed_file, safetensors_state, save_shard
+from xatl_convert.write_guard import CommandPaths, xatl_version
+from xatl_convert.writer import copy_named_chat_templates, failed_file, safetensors_state, save_shard
 
 from .align import Aligner
 from .callback import LITCallback, LITTrainer
@@ -193,6 +194,7 @@ class _Run:
             "teacher": str(teacher_folder),
             "data": {"source": data, "train_blocks": len(self.train), "held_out_blocks": len(self.held_out)},
             "settings": self.settings.model_dump(),
+            "xatl_convert_version": xatl_version(),
             **self.log["start"],
             "stages": [],
         }
@@ -396,10 +398,16 @@ def _write(student, student_folder, out, manifest, record, log, force) -> None:
 
 
 def _write_folder(student_folder, staging, state, manifest, record, log) -> None:
-    """Into the staging folder: the student's files but its weights and manifest, then the new ones."""
+    """Into the staging folder: the student's files but its weights and manifest (new files, with the mode the umask
+    gives), its named chat templates, then the new ones."""
     for file in student_folder.iterdir():
-        if file.is_file() and not _weights(file.name) and file.name != MANIFEST_NAME:
-            shutil.copy2(file, staging / file.name)
+        if file.is_file() and not _weights(file.name) and file.name not in (MANIFEST_NAME, MODEL_CARD_NAME):
+            shutil.copyfile(file, staging / file.name)
+    copy_named_chat_templates(student_folder, staging)
+    card = student_folder / MODEL_CARD_NAME
+    (staging / MODEL_CARD_NAME).write_text(
+        render_distilled_card(card.read_text(errors="replace") if card.is_file() else "", record)
+    )
     save_shard(state, staging / "model.safetensors")
     (staging / MANIFEST_NAME).write_text(json.dumps({**manifest, "distillation": record}, indent=2) + "\n")
     tables = {f"distill_{stage}.csv": rows for stage, rows in log["logs"].items()}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xatl_convert.settings import EvalSettings
-from xatl_convert.write_guard import REPORT_KEY
+from xatl_convert.write_guard import REPORT_KEY, xatl_version
 
 from .data import DataError, DataSpec, PackedBlocks, Split
 
@@ -60,6 +60,15 @@ def gap_recovered(start: float, now: float, teacher: float) -> float | None:
     return (start - now) / (start - teacher)
 
 
+def gap_meaning(gap: float) -> str:
+    """What a gap recovered outside 0–100% means, as a clause to follow the number ('' within it)."""
+    if gap > 1:
+        return ": above 100%, the student's loss is below its own teacher's on this split (it beat its teacher here)"
+    if gap < 0:
+        return ": below 0%, the student's loss is above where it started"
+    return ""
+
+
 @dataclass
 class Evaluation:
     """What `xatl eval` prints and writes: each model's held-out loss, and the gap recovered when known."""
@@ -70,6 +79,7 @@ class Evaluation:
     start: float | None = None
     no_start: str = ""  # why there is no starting loss to measure the gap from
     split: Split = "held_out"
+    teacher: str | None = None  # the teacher as the user named it (folder, Hub id or alias)
 
     @property
     def gap(self) -> float | None:
@@ -92,7 +102,9 @@ class Evaluation:
 
     def to_json(self) -> str:
         """The results as JSON, marked as an xatl report (so that a later run may replace the file)."""
-        return json.dumps({REPORT_KEY: "eval", **self.to_dict()}, indent=2) + "\n"
+        return (
+            json.dumps({REPORT_KEY: "eval", "xatl_convert_version": xatl_version(), **self.to_dict()}, indent=2) + "\n"
+        )
 
 
 def evaluate_folder(
@@ -127,7 +139,7 @@ def evaluate_folder(
     start, why = _recorded_start(manifest, data, block_size, max_blocks)
     if split == "all" and start is not None:
         start, why = None, "the start was measured on the held-out split, not on all of the text"
-    return Evaluation(str(folder), data, losses, start, why, split)
+    return Evaluation(str(folder), data, losses, start, why, split, teacher)
 
 
 def _recorded_start(manifest: dict[str, Any], data: str, block_size: int, max_blocks: int) -> tuple[float | None, str]:
