@@ -15,7 +15,7 @@ def save_figure(out: Path, draw: Callable[[Any], None], panels: int = 1, size: t
     try:
         import matplotlib
     except ImportError:
-        print(f"note: {out.name} not drawn: matplotlib is missing (pip install -e '.[train]')", file=sys.stderr)
+        print(f"note: {out.name} not drawn: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -34,7 +34,7 @@ VERIFY_CHECK_NAMES = [
     "tensors as planned",
     "transfers exact",
     "logits finite",
-    "loss vs from-scratch",
+    "sample losses finite",
     "source twin = source",
     "incremental decoding = full forward",
     "mamba kernel call sites = reference",

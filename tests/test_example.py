@@ -47,5 +47,5 @@ def test_example_all_attention_conversion_is_exact_and_tokenizer_is_copied(tmp_p
         assert (out / name).read_bytes() == (EXAMPLE_CHECKPOINT / name).read_bytes()
     report = verify(out, EXAMPLE_CHECKPOINT)
     assert report.check("source twin = source").details["output_logits"] <= 1e-5
-    losses = report.check("loss vs from-scratch").details["losses"]
+    losses = report.check("sample losses finite").details["losses"]
     assert losses["converted"] < losses["from_scratch"] - 2  # a trained model, on real text

@@ -69,11 +69,19 @@ def test_the_sdist_builds_the_same_wheel(wheels: dict[str, Path]) -> None:
     assert _package_files(wheels["from-sdist"]) == _package_files(wheels["direct"])
 
 
-def test_the_wheel_installed_alone_imports_every_subpackage_and_runs(
-    wheels: dict[str, Path], tmp_path: Path
-) -> None:
+def test_the_wheel_installed_alone_imports_every_subpackage_and_runs(wheels: dict[str, Path], tmp_path: Path) -> None:
     target = tmp_path / "installed"
-    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheels["direct"])]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--target",
+        str(target),
+        str(wheels["direct"]),
+    ]
     subprocess.run(install, check=True, capture_output=True, timeout=300)
     # -S: no .pth files, so no editable finder; the wheel's copy first, then the dependencies' site-packages.
     code = (

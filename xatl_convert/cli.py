@@ -152,7 +152,7 @@ class XatlCommand(TyperCommand):
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         """`Usage: xatl convert [OPTIONS] SRC`, without the braces typer puts around required arguments."""
         pieces = super().collect_usage_pieces(ctx)
-        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece for piece in pieces]
+        return [re.sub(r"^\{([^}]*)\}", r"\1", piece) for piece in pieces]  # {FILE|NAME}... → FILE|NAME...
 
 
 def path_roles(command: click.Command) -> dict[str, Reads | Writes]:

@@ -93,6 +93,26 @@ def scratch_folder_beside(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def new_file_mode() -> int:
+    """The mode a newly created file gets: 0o666 less the umask (0o644 under umask 022), for files that a library
+    writes through a private temporary file (mode 0o600) and renames into place."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it (setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _create_parents(parent: Path, out: str | Path) -> list[Path]:
     """Create OUT's missing parents; return the ones created, outermost first."""
     missing = []

@@ -36,10 +36,11 @@ from torch import nn
 from xatl_convert.errors import OutputWriteError, PlanError, SourceError, first_line
 from xatl_convert.interrupts import sigterm_as_interrupt
 from xatl_convert.manifest import MANIFEST_NAME, build_manifest
-from xatl_convert.model_card import render_model_card
+from xatl_convert.model_card import MODEL_CARD_NAME, render_model_card
 from xatl_convert.models import XatlForCausalLM, init_xatl_weights
-from xatl_convert.output_folder import ensure_writable, staged_output
+from xatl_convert.output_folder import ensure_writable, new_file_mode, staged_output
 from xatl_convert.plan import ConversionPlan, PlannedTensor
+from xatl_convert.sources.checkpoint import CHAT_TEMPLATES_FOLDER
 
 SINGLE_SHARD_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -129,16 +130,16 @@ def _write_folder(
         _write_json(staging / SHARD_INDEX_NAME, _shard_index(shards))
     manifest = build_manifest(plan, command_line)
     _write_config(plan, staging)
-    for shard in shards:  # safetensors writes mode 600; give weights the mode the umask gave config.json
-        shutil.copymode(staging / CONFIG_NAME, staging / shard.file)
-    for file in plan.source.tokenizer_files():
-        shutil.copyfile(file, staging / file.name)
+    for file in plan.source.tokenizer_files():  # additional_chat_templates/NAME.jinja keeps its folder
+        target = staging / file.relative_to(plan.source.path)
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(file, target)
     _name_tokenizer_class(staging)
     models_dir = Path(__file__).parent / "models"
     for name in MODELING_FILES:
         shutil.copyfile(models_dir / name, staging / name)
     _write_json(staging / MANIFEST_NAME, manifest)
-    (staging / "README.md").write_text(render_model_card(plan, manifest))
+    (staging / MODEL_CARD_NAME).write_text(render_model_card(plan, manifest))
 
 
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
@@ -156,7 +157,8 @@ def safetensors_state(model: nn.Module, dtype: torch.dtype | None = None) -> dic
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file, with its I/O failures as OSErrors that name the shard (safetensors reports only the OS text)."""
+    """save_file, with its I/O failures as OSErrors that name the shard (safetensors reports only the OS text), and
+    the mode of any new file (0644 under umask 022): safetensors writes through a private temporary file, mode 0600."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
     except SafetensorError as error:
@@ -164,6 +166,8 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    with contextlib.suppress(OSError):  # a file system without modes (some network shares) keeps what it gives
+        os.chmod(path, new_file_mode())
 
 
 def failed_file(error: OSError | SafetensorError, staging: Path) -> str:
@@ -175,6 +179,16 @@ def failed_file(error: OSError | SafetensorError, staging: Path) -> str:
             with contextlib.suppress(ValueError):
                 return f"{Path(filename).relative_to(staging)}: {reason}"
     return f"files: {reason}"
+
+
+def copy_named_chat_templates(folder: Path, staging: Path) -> None:
+    """Carry an xatl folder's named chat templates (`additional_chat_templates/NAME.jinja`) into a new output."""
+    templates = folder / CHAT_TEMPLATES_FOLDER
+    files = sorted(file for file in templates.glob("*.jinja") if file.is_file()) if templates.is_dir() else []
+    if files:
+        (staging / CHAT_TEMPLATES_FOLDER).mkdir(exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, staging / CHAT_TEMPLATES_FOLDER / file.name)
 
 
 def _name_tokenizer_class(folder: Path) -> None:

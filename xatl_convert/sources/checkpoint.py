@@ -50,7 +50,9 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
     "generation_config.json",
+    "chat_template.jinja",  # transformers 5 saves the chat template here, not in tokenizer_config.json
 )
+CHAT_TEMPLATES_FOLDER = "additional_chat_templates"  # named chat templates (tool use, RAG), one NAME.jinja each
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -127,7 +129,9 @@ class SourceCheckpoint:
     def tokenizer_files(self) -> list[Path]:
         """Tokenizer and generation files to copy beside the output: regular files inside the storage root only."""
         root = self.storage_root
-        return [self.path / name for name in TOKENIZER_FILES if _is_regular_file_inside(self.path / name, root)]
+        named = sorted((self.path / CHAT_TEMPLATES_FOLDER).glob("*.jinja"))
+        candidates = [self.path / name for name in TOKENIZER_FILES] + named
+        return [file for file in candidates if _is_regular_file_inside(file, root)]
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor. From safetensors it is a read-only view of a memory map: clone it before editing."""

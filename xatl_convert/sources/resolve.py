@@ -24,10 +24,15 @@ from typing import Any
 
 from xatl_convert.errors import SourceError, first_line
 from xatl_convert.sources.aliases import expand_alias
-from xatl_convert.sources.checkpoint import TOKENIZER_FILES, SourceCheckpoint, open_checkpoint
+from xatl_convert.sources.checkpoint import (
+    CHAT_TEMPLATES_FOLDER,
+    TOKENIZER_FILES,
+    SourceCheckpoint,
+    open_checkpoint,
+)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CONFIG_PATTERNS = ["config.json", *TOKENIZER_FILES]
+CONFIG_PATTERNS = ["config.json", *TOKENIZER_FILES, f"{CHAT_TEMPLATES_FOLDER}/*.jinja"]
 SAFETENSORS_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
 TORCH_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 

@@ -169,7 +169,7 @@ def check_loss_against_scratch(
     cannot_run: str | None = None,
 ) -> CheckResult:
     """(d) Sample loss of the converted model beside a from-scratch model of the same config (and the source)."""
-    name, bound = "loss vs from-scratch", "finite (reported, not compared)"
+    name, bound = "sample losses finite", "each finite; the losses are reported, not compared"
     if logits is None or scratch_loss is None:
         return _skipped(name, bound, cannot_run or _partial(run))
     losses = {"converted": next_token_loss(logits, run.input_ids), "from_scratch": scratch_loss}
