@@ -272,7 +272,11 @@ def test_signal_mid_write_prints_one_line_and_leaves_nothing(
         os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(writer, "save_file", signal_after_first_shard)
-    result = invoke("convert", source, "--out", tmp_path / "out", "--max-shard-size", "20K")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even in a background job
+    try:
+        result = invoke("convert", source, "--out", tmp_path / "out", "--max-shard-size", "20K")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     name = signal.Signals(signum).name
     assert f"interrupted ({name}); nothing was written" in error_line(result, exit_code=128 + signum)
     assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()

@@ -18,7 +18,7 @@ from xatl_convert.conversion import convert
 LLAMA = ("LlamaForCausalLM", "LlamaConfig", {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
     "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "tie_word_embeddings": True})  # fmt: skip
-# Granite-shaped (multipliers, GQA, tied) without biases and with the Mamba2 norm's eps: GraniteMoeHybrid's home
+# Granite-shaped (multipliers, GQA, tied) without biases: GraniteMoeHybrid's home
 HYBRID_READY = ("GraniteForCausalLM", "GraniteConfig", {
     **FAMILIES["granite"][2], "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5})  # fmt: skip
 

@@ -26,12 +26,20 @@ def large_neox(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      vocab_size=8192)  # fmt: skip
 
 
+def _interruptible() -> None:
+    """SIGINT as at a terminal: a shell starts background jobs (CI may run the tests as one) with SIGINT ignored, and
+    a child inherits that, so Python would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_real_signal_mid_write_leaves_neither_output_nor_temporary_folder(
     large_neox: Path, tmp_path: Path, signum: int
 ) -> None:
     command = [sys.executable, "-m", "xatl_convert.cli", "convert", str(large_neox), "--out", "out"]
-    process = subprocess.Popen([*command, "--max-shard-size", "1M"], cwd=tmp_path, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [*command, "--max-shard-size", "1M"], cwd=tmp_path, stderr=subprocess.PIPE, preexec_fn=_interruptible
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".out.xatl-partial-*/model-*.safetensors")):
         assert process.poll() is None, "conversion ended before any shard was written"

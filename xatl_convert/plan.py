@@ -222,11 +222,23 @@ def _target_config(
         check_config_values(values)  # in the mapping's key order, before any value is used
         num_layers = values.get("num_hidden_layers", TargetConfig.model_fields["num_hidden_layers"].default)
         kept = _kept_layers(mapping, attention_layers, num_layers)
-        return XatlConfig(**values, layer_types=layer_types(kept, num_layers, mapping.target.mixer)), kept
+        kinds = layer_types(kept, num_layers, mapping.target.mixer)
+        return XatlConfig(**_with_mamba2_norm_eps(values), layer_types=kinds), kept
     except XatlConfigError as error:
         raise _config_error(error, mapping, overrides) from None
     except (TypeError, ValueError) as error:  # transformers' own validation
         raise PlanError(f"{mapping.file}: target config is invalid: {error}") from None
+
+
+def _with_mamba2_norm_eps(values: dict[str, Any]) -> dict[str, Any]:
+    """The values, with `mamba2.norm_eps` the model's norm_eps unless the mapping or `--set` gives it: the gated norm
+    is new, so its eps is ours to choose, and the source's is the one that formats sharing one eps (Bamba,
+    GraniteMoeHybrid) hold. XatlConfig's own default (1e-5) stays for folders written before the key."""
+    mamba2 = values.get("mamba2") or {}
+    if "norm_eps" in mamba2:
+        return values
+    eps = values.get("norm_eps", TargetConfig.model_fields["norm_eps"].default)
+    return {**values, "mamba2": {**mamba2, "norm_eps": eps}}
 
 
 def _kept_layers(mapping: Mapping, attention_layers: str | Sequence[int] | None, num_layers: int) -> list[int]:

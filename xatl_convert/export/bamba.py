@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_name
+from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_tensors
 
 LOADS_WITH = "AutoModelForCausalLM, no remote code"
 NAME = "bamba"
@@ -59,4 +59,4 @@ def tensors(name: str, value: torch.Tensor, config: dict[str, Any]) -> list[tupl
     for pattern, replacement in _RENAMES:
         if re.match(pattern, name):
             return [(re.sub(pattern, replacement, name), value)]
-    return [(mixer_name(name, config) or name, value)]
+    return mixer_tensors(name, value, config)

@@ -5,7 +5,8 @@ pure Mamba2 or hybrid, with any choice of kept layers; vLLM serves it natively.
 Facts read from transformers' modeling_granitemoehybrid.py (5.x): `layer_types` entries are "linear_attention"
 (Mamba2) and "full_attention"; `shared_mlp.input_linear` is [gate; up] (xatl's fc1 is [up; gate]); the softmax
 scale is `attention_multiplier` itself; one `attention_bias` covers q, k, v and o, one `mamba_proj_bias` covers
-in_proj and out_proj; the Mamba2 gated norm uses `rms_norm_eps`, and its conv the model's `hidden_act`.
+in_proj and out_proj (the export writes zeros for a projection without one); the Mamba2 gated norm uses
+`rms_norm_eps`, and its conv the model's `hidden_act`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_name
+from xatl_convert.export.hybrids import hybrid_config, hybrid_refusals, mixer_tensors
 
 LOADS_WITH = "AutoModelForCausalLM, no remote code"
 NAME = "granitemoehybrid"
@@ -24,7 +25,7 @@ NAME = "granitemoehybrid"
 def refusals(config: dict[str, Any]) -> list[str]:
     """Every reason the xatl config cannot become a GraniteMoeHybrid that computes the same, or []."""
     reasons = hybrid_refusals(config, "GraniteMoeHybrid", {"mlp_bias": False})
-    if config.get("rope_parameters", {}).get("partial_rotary_factor", 1.0) != 1.0:
+    if "attention" in config["layer_types"] and config.get("rope_parameters", {}).get("partial_rotary_factor", 1) != 1:
         reasons.append("partial rotary; GraniteMoeHybrid rotates the whole head")
     return reasons
 
@@ -67,4 +68,4 @@ def tensors(name: str, value: torch.Tensor, config: dict[str, Any]) -> list[tupl
                 up, gate = value.chunk(2, dim=0)
                 value = torch.cat([gate, up], dim=0)
             return [(renamed, value)]
-    return [(mixer_name(name, config) or name, value)]  # else model.embed_tokens.weight, lm_head.weight
+    return mixer_tensors(name, value, config)  # else model.embed_tokens.weight, lm_head.weight

@@ -49,6 +49,8 @@ def refusals(config: dict[str, Any]) -> list[str]:
         reasons.append(f"rope_type {config['rope_parameters']['rope_type']!r}; mamba-ssm's MHA has no rope scaling")
     if "mamba" in kinds and config["mamba"]["proj_bias"] != config["mamba"]["out_proj_bias"]:
         reasons.append("Mamba in_proj and out_proj biases differ; mamba-ssm has one bias flag")
+    if "mamba2" in kinds and not math.isclose(config["mamba2"]["norm_eps"], NORM_EPS, rel_tol=1e-6):
+        reasons.append(f"mamba2.norm_eps {config['mamba2']['norm_eps']:.3g}; mamba-ssm's Mamba2 norm uses {NORM_EPS:g}")
     if "mamba2" in kinds and config["mamba2"]["proj_bias"] != config["mamba2"]["out_proj_bias"]:
         reasons.append("Mamba2 in_proj and out_proj biases differ; mamba-ssm has one bias flag")
     return reasons

@@ -205,6 +205,9 @@ class Mamba2Settings(_Strict):
     proj_bias: Any = _key("bool", False, "in_proj has a bias")
     out_proj_bias: Any = _key("bool", False, "out_proj has a bias (true to hold the attention output's bias)")
     norm_before_gate: Any = _key("bool", False, "normalise before the z gate rather than after")
+    norm_eps: Any = _key(
+        "number", 1e-5, "epsilon of the gated RMSNorm; a conversion sets the source's norm eps (1e-5: older folders)"
+    )
 
 
 def _derived_layer_types(value: Any) -> Any:
@@ -219,7 +222,7 @@ class TargetConfig(_Strict):
     num_hidden_layers: Any = _key("int", 12, "number of blocks")
     intermediate_size: Any = _key("int", 3072, "width of the MLP (of each half when gated)")
     norm_type: Any = _key("norm", "layernorm", "layernorm or rmsnorm")
-    norm_eps: Any = _key("number", 1e-5, "epsilon of every norm")
+    norm_eps: Any = _key("number", 1e-5, "epsilon of every norm (of the Mamba2 norm too, unless mamba2.norm_eps)")
     norm_bias: Any = _key("bool", True, "LayerNorm has a bias")
     norm_weight_offset: Any = _key(
         "number>=0", 0.0, "RMSNorm scales by (offset + weight): 1 for Gemma, whose norm weights are stored as w - 1"

@@ -89,6 +89,9 @@ MAMBA2_DEFAULTS: dict[str, Any] = {
     "proj_bias": False,
     "out_proj_bias": False,
     "norm_before_gate": False,
+    # The gated RMSNorm's eps: mamba-ssm fixes 1e-5, transformers' Mamba2 hybrids use the model's rms_norm_eps. A
+    # conversion sets it to the source's norm_eps; 1e-5 is what folders written before the key existed computed.
+    "norm_eps": 1e-5,
 }
 
 
@@ -306,6 +309,7 @@ MIXER_CHECKS: dict[str, Check] = {
     "proj_bias": _bool,
     "out_proj_bias": _bool,
     "norm_before_gate": _bool,
+    "norm_eps": _positive_number,
 }
 # Arguments read only at construction (legacy spellings and layer_types, checked on their own in _check).
 _CONSTRUCTION_ONLY = ("layer_types", "partial_rotary_factor", "rope_theta", "rope_scaling")

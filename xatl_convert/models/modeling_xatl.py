@@ -694,7 +694,7 @@ class XatlMamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm = XatlGatedRMSNorm(
-            self.d_inner, self.d_inner // self.ngroups, eps=1e-5, norm_before_gate=m["norm_before_gate"]
+            self.d_inner, self.d_inner // self.ngroups, eps=m["norm_eps"], norm_before_gate=m["norm_before_gate"]
         )
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
