@@ -1,5 +1,6 @@
-"""Bad options and mismatched models for the commands that train and score (distill, eval): one line naming the
-option or the folder, before any model loads, and nothing written. Options the commands share are tried on each."""
+"""Bad options and mismatched models for the commands that train and score (distill, eval) or measure (convert
+--attn-layers auto:K, select-layers): one line naming the option or the folder, before any model loads, and nothing
+written. Options the commands share are tried on each."""
 
 from __future__ import annotations
 
@@ -129,3 +130,38 @@ def test_a_student_and_teacher_that_cannot_train_together_are_one_line(
     line = error_line(invoke(*arguments))
     assert says in line, line
     assert tree_digest(world.parent) == before and not (tmp_path / "out").exists()
+
+
+LAYER_SELECTION = {  # arguments after SRC (the 4-layer example) -> what the line says
+    "auto-without-data": (["convert", "--attn-layers", "auto:2", "--out", "OUT"],
+                          "error: --attn-layers auto:2 needs --data TEXT"),
+    "auto-keeps-none": (["convert", "--attn-layers", "auto:0", "--data", "TEXT", "--out", "OUT"],
+                        "error: --attn-layers auto:0: K is the number of layers kept as attention; keep at least 1"),
+    "auto-malformed": (["convert", "--attn-layers", "auto:x", "--data", "TEXT", "--out", "OUT"],
+                       "error: --attn-layers auto:x: expected auto:K"),
+    "auto-keeps-every-layer": (["convert", "--attn-layers", "auto:4", "--data", "TEXT", "--out", "OUT"],
+                               "error: --attn-layers auto:4: the model has 4 layers, so at most 3 can be chosen"),
+    "data-without-auto": (["convert", "--attn-layers", "1", "--data", "TEXT", "--out", "OUT"],
+                          "error: --data: only --attn-layers auto:K measures layers on text"),
+    "select-tokens-without-auto": (["convert", "--select-tokens", "4096", "--out", "OUT"],
+                                   "error: --select-tokens: only --attn-layers auto:K measures layers on text"),
+    "select-tokens-too-few": (["convert", "--attn-layers", "auto:1", "--data", "TEXT", "--select-tokens", "300",
+                               "--out", "OUT"], "error: --select-tokens 300: too few to align once and score once"),
+    "select-keeps-none": (["select-layers", "--keep", "0", "--data", "TEXT"],
+                          "error: --keep 0: input should be greater than or equal to 1"),
+    "select-keeps-every-layer": (["select-layers", "--keep", "4", "--data", "TEXT"],
+                                 "error: --keep 4: the model has 4 layers, so at most 3 can be chosen"),
+    "select-tokens-negative": (["select-layers", "--keep", "1", "--data", "TEXT", "--select-tokens", "-1"],
+                               "error: --select-tokens -1: input should be greater than or equal to 2"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LAYER_SELECTION))
+def test_a_bad_layer_selection_is_one_line_before_any_measurement(world: Path, tmp_path: Path, case: str) -> None:
+    arguments, says = LAYER_SELECTION[case]
+    names = {"TEXT": world / "text.txt", "OUT": tmp_path / "out"}
+    command, *rest = arguments
+    before = tree_digest(world)
+    line = error_line(invoke(command, world / "teacher", *(names.get(word, word) for word in rest)))
+    assert line.startswith(says), line
+    assert tree_digest(world) == before and not (tmp_path / "out").exists()

@@ -106,7 +106,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, distill_student: Path) -> Pa
 Invocation = Callable[[Path], list[str | Path]]
 INVOCATIONS: dict[str, Invocation] = {
     "convert": lambda w: ["convert", w / "teacher", "--to", "mamba", "--mapping", w / "mapping.yaml",
-                          "--cache-dir", w / "cache", "--out", "TARGET"],
+                          "--cache-dir", w / "cache", "--attn-layers", "auto:1", "--data", w / "text.txt",
+                          "--out", "TARGET"],
+    "select-layers": lambda w: ["select-layers", w / "teacher", "--keep", "1", "--data", w / "corpus",
+                                "--mapping", w / "mapping.yaml", "--cache-dir", w / "cache", "--json", "TARGET"],
     "verify": lambda w: ["verify", w / "student", "--source", w / "teacher", "--text", w / "text.txt",
                          "--json", "TARGET:--json", "--junit", "TARGET:--junit"],
     "distill": lambda w: ["distill", w / "student", "--teacher", w / "teacher", "--data", w / "corpus",

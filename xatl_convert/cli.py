@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
 from xatl_convert.errors import XatlError, first_line
 from xatl_convert.export_formats import export_formats_help
 from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
-from xatl_convert.mapping.layers import LCI_MIXERS, PRESETS
+from xatl_convert.mapping.layers import AUTO_HELP, LCI_MIXERS, PRESETS
 from xatl_convert.write_guard import CommandPaths, Reads, Writes, write_new_file, write_report_file
 
 PIPED_WIDTH = 200  # tables written to a file or CI log are not squeezed to 80 columns
@@ -228,6 +228,27 @@ def main_options(
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 _PRESET_HELP = "; ".join(f"{name}: {text}" for name, text in PRESETS.items())
+_DATA_HELP = ".txt/.jsonl/.parquet files, a folder, a Hub id"
+_SELECT_TOKENS_HELP = (
+    "tokens of --data the measurement reads (default 16384): 1/8 scores the restored layers, the rest aligns the new "
+    "mixers first"
+)
+_GGUF_TYPE_HELP = (
+    "With --format gguf: the matrices' type, f32, f16, bf16 or q8_0 (default auto: bf16 for a bfloat16 model, else "
+    "f16); norms, biases and the Mamba2 A, D, dt and conv stay f32."
+)
+
+
+# Options that several commands declare alike (convert, select-layers, mappings new).
+MixerOption = Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")]
+RevisionOption = Annotated[
+    str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit (same as SRC@REV).")
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub)."),
+    Reads("the Hugging Face cache (--cache-dir)"),
+]
 
 
 def parse_size(text: str) -> int:
@@ -293,15 +314,9 @@ def convert_command(
         typer.Option("--out", "-o", metavar="OUT", help="Output folder (written atomically)."),
         Writes("folder"),
     ] = None,
-    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
-    revision: Annotated[
-        str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit (same as SRC@REV).")
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(metavar="DIR", help="Hugging Face cache folder (default: HF_HUB_CACHE, or HF_HOME/hub)."),
-        Reads("the Hugging Face cache (--cache-dir)"),
-    ] = None,
+    to: MixerOption = "mamba",
+    revision: RevisionOption = None,
+    cache_dir: CacheDirOption = None,
     mapping: Annotated[
         str | None,
         typer.Option(
@@ -311,7 +326,19 @@ def convert_command(
     ] = None,
     attn_layers: Annotated[
         str | None,
-        typer.Option(metavar="SPEC", help=f"Layers kept as attention: indices like 1,11 or a preset ({_PRESET_HELP})."),
+        typer.Option(
+            metavar="SPEC",
+            help=f"Layers kept as attention: indices like 1,11, a preset ({_PRESET_HELP}), or {AUTO_HELP}.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(metavar="DATA", help=f"With --attn-layers auto:K: the text to measure on ({_DATA_HELP})."),
+        Reads("the --data text", hub="dataset"),
+    ] = None,
+    select_tokens: Annotated[
+        int | None,
+        typer.Option(metavar="N", help=f"With --attn-layers auto:K, the {_SELECT_TOKENS_HELP}."),
     ] = None,
     set_values: Annotated[
         list[str] | None,
@@ -335,7 +362,10 @@ def convert_command(
         str, typer.Option(metavar="BYTES", help="Largest output shard, in bytes with an optional K/M/G suffix.")
     ] = "2G",
     seed: Annotated[
-        int, typer.Option(metavar="N", help="Seed of the new mixers' initialisation (per tensor name).")
+        int,
+        typer.Option(
+            metavar="N", help="Seed of the new mixers' init (per tensor name); with auto:K, of the measured blocks too."
+        ),
     ] = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Replace OUT if it exists (only once the new one is complete).")
@@ -351,6 +381,7 @@ def convert_command(
     show_all: Annotated[
         bool, typer.Option("--all", help="With --dry-run: one row per tensor instead of one per {i} pattern.")
     ] = False,
+    gguf_type: Annotated[str | None, typer.Option(metavar="DTYPE", help=_GGUF_TYPE_HELP)] = None,
 ) -> None:
     """Convert a Transformer checkpoint into an xatl model (Mamba, Mamba2, or a hybrid with attention)."""
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -363,13 +394,18 @@ def convert_command(
     from xatl_convert.conversion import convert, init_overrides, parse_overrides, plan_conversion
     from xatl_convert.tables import layer_summary
 
+    selection_settings = _auto_layer_settings(attn_layers, data, select_tokens, seed)
     _quiet_transformers()
     torch_dtype = getattr(torch, dtype) if dtype else None
     overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
+    chosen_layers: Any = attn_layers
+    if selection_settings is not None:
+        chosen_layers = _select_layers(source, data, selection_settings, to, revision, cache_dir, mapping, overrides,
+                                       asked=f"--attn-layers {attn_layers}")  # fmt: skip
     if dry_run:
         from xatl_convert.tables import dropped_table, plan_table
 
-        plan = plan_conversion(source, to, revision, cache_dir, mapping, attn_layers, overrides, torch_dtype, seed)
+        plan = plan_conversion(source, to, revision, cache_dir, mapping, chosen_layers, overrides, torch_dtype, seed)
         plan.source.close()
         _console().print(plan_table(plan, per_tensor=show_all))
         _console().print(dropped_table(plan, per_tensor=show_all))
@@ -380,8 +416,8 @@ def convert_command(
 
         plan, names = convert_to_format(
             source, out, format, to=to, revision=revision, cache_dir=cache_dir, mapping=mapping,
-            attn_layers=attn_layers, overrides=overrides, dtype=torch_dtype, seed=seed, force=force,
-            command_line=_command_line(context), show_progress=sys.stdout.isatty(),
+            attn_layers=chosen_layers, overrides=overrides, dtype=torch_dtype, seed=seed, force=force,
+            command_line=_command_line(context), show_progress=sys.stdout.isatty(), gguf_type=gguf_type,
         )  # fmt: skip
         _print_warnings(plan.warnings)
         _print_wrote(out, f"{format}, {len(names)} tensors; layers: {layer_summary(plan.layer_types)}")
@@ -393,7 +429,7 @@ def convert_command(
         revision=revision,
         cache_dir=cache_dir,
         mapping=mapping,
-        attn_layers=attn_layers,
+        attn_layers=chosen_layers,
         overrides=overrides,
         dtype=torch_dtype,
         seed=seed,
@@ -412,9 +448,103 @@ def convert_command(
     )
 
 
+def _auto_layer_settings(attn_layers: str | None, data: str | None, select_tokens: int | None, seed: int) -> Any:
+    """The measurement's settings when `--attn-layers auto:K` asks for one (None otherwise); `--data` and
+    `--select-tokens` belong to it alone."""
+    from xatl_convert.mapping.layers import AutoSpecError, auto_keep
+    from xatl_convert.settings import LayerSelectionSettings
+
+    try:
+        keep = auto_keep(attn_layers)
+    except AutoSpecError as error:
+        raise XatlError(f"--attn-layers {error}") from None
+    if keep is None:
+        for option, value in (("--data", data), ("--select-tokens", select_tokens)):
+            if value is not None:
+                raise XatlError(
+                    f"{option}: only --attn-layers auto:K measures layers on text; give --attn-layers auto:K, or "
+                    f"leave out {option}"
+                )
+        return None
+    if data is None:
+        raise XatlError(
+            f"--attn-layers auto:{keep} needs --data TEXT: the layers are chosen by measuring the model on your text"
+        )
+    given = {"select_tokens": select_tokens} if select_tokens is not None else {}
+    return LayerSelectionSettings.from_options(keep=keep, seed=seed, **given)
+
+
+def _select_layers(source: str, data: Any, settings: Any, to: str, revision: str | None, cache_dir: Path | None,
+                   mapping: str | None, overrides: dict[str, Any], asked: str | None = None) -> Any:  # fmt: skip
+    """Run the layer measurement with progress bars on a terminal, print its ranking, and return the selection."""
+    from xatl_convert.layer_selection.select import select_layers
+    from xatl_convert.tables import layer_selection_line, layer_selection_table
+
+    with _labelled_bars(sys.stderr.isatty(), transient=True) as progress:
+        selection = select_layers(source, data, settings, to, revision, cache_dir, mapping, overrides, progress, asked)
+    console = _console()
+    console.print(layer_selection_table(selection))
+    console.print(layer_selection_line(selection), soft_wrap=True, highlight=False)
+    return selection
+
+
 def _print_wrote(out: Path, what: str) -> None:
     """The one line a command that writes a folder ends with: where, and what it holds."""
     _console().print(f"[green]wrote[/] {out}: {what}", soft_wrap=True, highlight=False)
+
+
+@app.command("select-layers", cls=XatlCommand)
+def select_layers_command(
+    source: Annotated[
+        str,
+        typer.Argument(metavar="SRC", help="Source checkpoint: local folder, Hub id or alias.", show_default=False),
+        Reads("the source checkpoint", hub="model"),
+    ],
+    keep: Annotated[int, typer.Option(metavar="K", help="How many layers to keep as attention.")],
+    data: Annotated[
+        str,
+        typer.Option(metavar="DATA", help=f"Text to measure on ({_DATA_HELP}); its training split only is read."),
+        Reads("the --data text", hub="dataset"),
+    ],
+    to: MixerOption = "mamba",
+    select_tokens: Annotated[int | None, typer.Option(metavar="N", help=f"The {_SELECT_TOKENS_HELP}.")] = None,
+    revision: RevisionOption = None,
+    cache_dir: CacheDirOption = None,
+    mapping: Annotated[
+        str | None,
+        typer.Option(metavar="FILE|NAME", help="Mapping file or built-in mapping name, as for convert."),
+        Reads("the mapping file"),
+    ] = None,
+    set_values: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Target config overrides, as for convert (repeatable)."),
+    ] = None,
+    init: Annotated[
+        str, typer.Option(metavar="METHOD", help="How new mixers start, as for convert: default or attention.")
+    ] = "default",
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed of the new mixers' init and of the order of the blocks.")
+    ] = 0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Write the ranking as JSON here."), Writes("report")
+    ] = None,
+) -> None:
+    """Rank the layers by how much keeping each as attention brings the converted model back to its source, measured
+    on your text (what `convert --attn-layers auto:K` keeps). Writes nothing but --json."""
+    from xatl_convert.conversion import init_overrides, parse_overrides
+    from xatl_convert.settings import LayerSelectionSettings
+
+    given = {"select_tokens": select_tokens} if select_tokens is not None else {}
+    settings = LayerSelectionSettings.from_options(keep=keep, seed=seed, **given)
+    _quiet_transformers()
+    overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
+    selection = _select_layers(source, data, settings, to, revision, cache_dir, mapping, overrides)
+    if json_path is not None:
+        from xatl_convert.write_guard import REPORT_KEY, xatl_version
+
+        report = {REPORT_KEY: "select-layers", "xatl_convert_version": xatl_version(), "source": source,
+                  "to": to, **selection.record()}  # fmt: skip
+        write_report_file(json_path, json.dumps(report, indent=2) + "\n", "--json")
 
 
 @app.command("verify", cls=XatlCommand)
@@ -452,7 +582,12 @@ def verify_command(
         typer.Option(metavar="FILE", help="Score this UTF-8 text (the output's tokenizer) instead of the sample."),
         Reads("the --text file"),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens of the text to run.")] = 256,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", help="Tokens of the text to run (default: 256 for a converted folder, 1024 for an export)."
+        ),
+    ] = None,
     precision: Annotated[
         str, typer.Option(metavar="P", help="float32, or float64 to tell a logic error from rounding.")
     ] = "float32",
@@ -662,12 +797,13 @@ def export_command(
     format: Annotated[str, typer.Option(metavar="FORMAT", help=f"{export_formats_help()}.")],
     out: Annotated[Path, typer.Option(metavar="OUT", help="Output folder."), Writes("folder")],
     force: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    gguf_type: Annotated[str | None, typer.Option(metavar="DTYPE", help=_GGUF_TYPE_HELP)] = None,
 ) -> None:
     """Write FOLDER in a format that engines load natively, or say every reason it would compute something else."""
     _quiet_transformers()
     from xatl_convert.export import FORMATS, export_folder
 
-    names = export_folder(folder, out, format, force)
+    names = export_folder(folder, out, format, force, gguf_type=gguf_type)
     _print_wrote(out, f"{format}, {len(names)} tensors; loads with {FORMATS[format].LOADS_WITH}")
 
 
@@ -749,7 +885,7 @@ def mappings_new(
         typer.Option(metavar="SRC", help="Checkpoint to scaffold from (folder, Hub id or alias)."),
         Reads("the source checkpoint", hub="model"),
     ],
-    to: Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")] = "mamba",
+    to: MixerOption = "mamba",
     out: Annotated[
         Path | None, typer.Option(metavar="FILE", help="Write the YAML here instead of to stdout."), Writes("new-file")
     ] = None,

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
+from xatl_convert.layer_selection import LayerSelection
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
 from xatl_convert.mapping.layers import LCI_MIXERS, layer_selected
 from xatl_convert.output_folder import ensure_writable
@@ -100,12 +101,13 @@ def plan_conversion(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     mapping: str | Path | None = None,
-    attn_layers: str | Sequence[int] | None = None,
+    attn_layers: str | Sequence[int] | LayerSelection | None = None,
     overrides: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> ConversionPlan:
-    """Resolve the source and build the plan; nothing is written."""
+    """Resolve the source and build the plan; nothing is written. `attn_layers` may be a `LayerSelection`
+    (`layer_selection.select.select_layers`): its layers are kept, and the plan carries its record."""
     if to not in TARGETS:
         raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
     checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source, revision, cache_dir)
@@ -118,7 +120,17 @@ def plan_conversion(
             f"--init attention: mapping {chosen.name!r} has no attention-informed init (it fills Mamba2's in_proj; "
             "use --to mamba2)"
         )
-    return build_plan(checkpoint, chosen, attn_layers, overrides, dtype, seed)
+    selection = attn_layers if isinstance(attn_layers, LayerSelection) else None
+    layers = selection.chosen if selection is not None else attn_layers
+    plan = build_plan(checkpoint, chosen, layers, overrides, dtype, seed)
+    if selection is not None:
+        if selection.num_layers != plan.target_config.num_hidden_layers:
+            raise PlanError(
+                f"--attn-layers: the layer selection measured {selection.num_layers} layers, the target has "
+                f"{plan.target_config.num_hidden_layers}; select again for this source"
+            )
+        plan.layer_selection = selection.record()
+    return plan
 
 
 def conversion_inputs(
@@ -142,7 +154,7 @@ def convert(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     mapping: str | Path | None = None,
-    attn_layers: str | Sequence[int] | None = None,
+    attn_layers: str | Sequence[int] | LayerSelection | None = None,
     overrides: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
@@ -169,20 +181,23 @@ def convert_to_format(
     force: bool = False,
     command_line: str | None = None,
     show_progress: bool = False,
+    gguf_type: str | None = None,
     **options: Any,
 ) -> tuple[ConversionPlan, list[str]]:
     """`convert --format F`: check that the planned model fits F before writing a byte, convert into a scratch xatl
     folder beside OUT, export that to OUT (the one export writer); the scratch folder goes either way. `options` are
-    `convert`'s (to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed)."""
+    `convert`'s (to, revision, cache_dir, mapping, attn_layers, overrides, dtype, seed); `gguf_type` is export's."""
     from xatl_convert.export import check_format, export_folder
+    from xatl_convert.export.writer import check_folder
     from xatl_convert.output_folder import scratch_folder_beside
 
     planned = {key: options.get(key) for key in ("to", "revision", "cache_dir", "mapping")}
     ensure_writable(Path(out), force, conversion_inputs(source, planned["mapping"], planned["cache_dir"]).inputs)
     plan = plan_conversion(source, **options)
     plan.source.close()
-    check_format(format, plan.target_config.to_dict(), source)
+    module = check_format(format, plan.target_config.to_dict(), source)
+    check_folder(module, plan.source.path, plan.target_config.to_dict(), gguf_type)  # the source's tokenizer
     with scratch_folder_beside(out) as work:
         plan = convert(source, work / "xatl", command_line=command_line, show_progress=show_progress, **options)
-        names = export_folder(work / "xatl", out, format, force)
+        names = export_folder(work / "xatl", out, format, force, gguf_type=gguf_type)
     return plan, names

@@ -8,6 +8,7 @@ EXPORT_FORMATS: dict[str, str] = {
     "granitemoehybrid": "transformers, vLLM",
     "bamba": "transformers, vLLM",
     "mamba-ssm": "mamba-ssm, CUDA",
+    "gguf": "llama.cpp, Ollama, LM Studio",
 }
 
 

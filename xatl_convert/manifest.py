@@ -52,7 +52,7 @@ def build_manifest(plan: ConversionPlan, command_line: str | None = None) -> dic
                     for part in tensor.parts
                 ]
         tensors[tensor.name] = entry
-    return {
+    manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "xatl_convert_version": __version__,
         "command_line": command_line,
@@ -87,6 +87,9 @@ def build_manifest(plan: ConversionPlan, command_line: str | None = None) -> dic
         "tensors": tensors,
         "dropped": dict(plan.dropped),
     }
+    if plan.layer_selection is not None:
+        manifest["layer_selection"] = plan.layer_selection
+    return manifest
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -172,6 +175,20 @@ class _Target(_Entry):
     seed: int | None = None
 
 
+class _LayerScore(_Entry):
+    layer: Annotated[int, Field(ge=0)]
+    kl: float
+    score: float
+
+
+class _LayerSelection(_Entry):
+    method: str
+    keep: Annotated[int, Field(ge=1)]
+    chosen: list[Annotated[int, Field(ge=0)]]
+    budget: dict[str, int]
+    layers: list[_LayerScore]
+
+
 class _Manifest(_Entry):
     manifest_version: int
     source: _Source
@@ -179,6 +196,16 @@ class _Manifest(_Entry):
     tensors: dict[str, _Tensor]
     warnings: list[str] = []
     dropped: dict[str, str] = {}
+    layer_selection: _LayerSelection | None = None
+
+    @model_validator(mode="after")
+    def _selection_is_what_was_kept(self) -> _Manifest:
+        """The recorded choice must be the layers the target keeps: anything else misstates how it was made."""
+        chosen = self.layer_selection.chosen if self.layer_selection is not None else None
+        kept = self.target.attention_layers
+        if chosen is not None and kept is not None and sorted(chosen) != sorted(kept):
+            raise ValueError(f"layer_selection.chosen {chosen} differs from target.attention_layers {kept}")
+        return self
 
     @field_validator("manifest_version")
     @classmethod

@@ -43,7 +43,7 @@ initialisation. {UNTRAINED_NOTE}
 | source tensors dropped | {totals["dropped_source_tensors"]} | |
 
 Layers ({len(plan.layer_types)}): {layers}
-
+{layer_selection_section(manifest.get("layer_selection"))}
 ## Usage
 
 ```python
@@ -64,6 +64,34 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
 ```yaml
 {plan.mapping.text.strip()}
 ```
+"""
+
+
+def layer_selection_section(record: dict[str, Any] | None) -> str:
+    """How `--attn-layers auto:K` chose the attention layers: the method, what it read, and every layer's rank
+    ('' when the layers were given by hand)."""
+    if not record:
+        return ""
+    budget = record["budget"]
+    chosen = set(record["chosen"])
+    rows = "\n".join(
+        f"| {entry['rank']} | {entry['layer']} | {entry['kl']:.4f} | {entry['score']:+.4f} | "
+        f"{'kept' if entry['layer'] in chosen else ''} |"
+        for entry in sorted(record["layers"], key=lambda entry: entry["rank"])
+    )
+    picks = ", then ".join(f"{pick['layer']} (KL {pick['kl']:.4f})" for pick in record.get("greedy", []))
+    how = record.get("description", "")
+    return f"""
+## Layer selection
+
+The attention layers were chosen by `--attn-layers auto:{record["keep"]}` (`{record["method"]}`): {how}.
+Measured on `{record.get("data")}` with {budget["tokens"]:,} tokens ({budget["align_tokens"]:,} to align,
+{budget["score_tokens"]:,} to score; budget {budget["select_tokens"]:,}), seed {record.get("seed")}. KL of the all-LCI
+student to the source: {record["baseline_kl"]:.4f}; greedy picks: {picks}.
+
+| rank | layer | KL with it alone restored | score (KL drop) | |
+|---:|---:|---:|---:|---|
+{rows}
 """
 
 

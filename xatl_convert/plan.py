@@ -99,6 +99,7 @@ class ConversionPlan:
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    layer_selection: dict[str, Any] | None = None  # how `auto:K` chose the attention layers (LayerSelection.record)
 
     @property
     def layer_types(self) -> list[str]:

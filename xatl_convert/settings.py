@@ -121,5 +121,42 @@ class EvalSettings(CommandSettings):
     split: Literal["held-out", "all"] = "held-out"
 
 
+SCORE_SHARE = 8  # layer selection scores on 1/8 of its budget (at least one block); align gets the rest
+
+
+class LayerSelectionSettings(CommandSettings):
+    """What `--attn-layers auto:K` and `xatl select-layers` measure: how many layers to keep, the token budget, and
+    the brief align that comes before the measurement."""
+
+    keep: Count
+    select_tokens: Annotated[int, Field(ge=2)] = 16384
+    block_size: Annotated[int, Field(ge=2)] = 256
+    batch_size: Count = 1  # blocks per align step: more, smaller steps move the new mixers further on a small budget
+    align_lr: Rate = 1e-2
+    held_out: Annotated[float, Field(gt=0, lt=1)] = 0.05  # as distill's, so selection never reads its held-out text
+    shortlist: Count = 8  # greedy picks after the first are re-measured among this many best single layers (≥ keep)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _budget_covers_one_step(self) -> LayerSelectionSettings:
+        least = self.block_size * (self.batch_size + 1)
+        if self.align_steps < 1:
+            raise ValueError(
+                f"--select-tokens {self.select_tokens}: too few to align once and score once; give at least {least} "
+                f"({self.batch_size} block(s) of {self.block_size} tokens to align, one to score)"
+            )
+        return self
+
+    @property
+    def score_blocks(self) -> int:
+        """Blocks the restorations are scored on: 1/8 of the budget, at least one."""
+        return max(1, self.select_tokens // SCORE_SHARE // self.block_size)
+
+    @property
+    def align_steps(self) -> int:
+        """Align steps in what the scoring leaves of the budget."""
+        return (self.select_tokens - self.score_blocks * self.block_size) // (self.batch_size * self.block_size)
+
+
 def _positive(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0

@@ -1,4 +1,4 @@
-"""Rich tables for the terminal: the transfer plan and the verify report."""
+"""Rich tables for the terminal: the transfer plan, the verify report, eval's losses and the layer ranking."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from xatl_convert.sources.inventory import Inventory
 from xatl_convert.verify.report import VerifyReport
 
 if TYPE_CHECKING:
+    from xatl_convert.layer_selection import LayerSelection
     from xatl_convert.training.evaluate import Evaluation
 
 _STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
@@ -292,3 +293,31 @@ def eval_gap_line(result: Evaluation) -> str | None:
     if "teacher" in result.losses:
         return f"gap recovered: n/a ({result.no_start})"
     return None
+
+
+def layer_selection_table(selection: LayerSelection) -> Table:
+    """Every layer, best first: the KL to the teacher with it alone restored to attention, how far that is below the
+    all-LCI student's (the score), and which layers the greedy picks keep."""
+    budget = selection.budget
+    table = Table(
+        title=f"layers ranked for auto:{selection.keep} ({selection.method})",
+        caption=f"KL to the teacher with every layer LCI: {selection.baseline_kl:.4f}; {budget.tokens:,} tokens read "
+        f"({budget.align_tokens:,} to align, {budget.score_tokens:,} to score)",
+    )
+    for column in ("rank", "layer", "KL restored", "score", "kept"):
+        table.add_column(column, justify="left" if column == "kept" else "right")
+    order = {pick.layer: position for position, pick in enumerate(selection.picks, 1)}
+    for rank, entry in enumerate(selection.ranking(), 1):
+        kept = f"[green]pick {order[entry.layer]}[/]" if entry.layer in order else ""
+        table.add_row(str(rank), str(entry.layer), f"{entry.kl:.4f}", f"{entry.score:+.4f}", kept)
+    return table
+
+
+def layer_selection_line(selection: LayerSelection) -> str:
+    """`keep 3, 17: greedy 17 (KL 1.234), then 3 (KL 0.987); 16,384 of 16,384 tokens, 12.3 s`."""
+    picks = ", then ".join(f"{pick.layer} (KL {pick.kl:.4f})" for pick in selection.picks)
+    budget = selection.budget
+    return (
+        f"keep {', '.join(map(str, selection.chosen))}: greedy {picks}; {budget.tokens:,} of {budget.select_tokens:,} "
+        f"tokens, {selection.seconds:.1f} s"
+    )

@@ -14,9 +14,9 @@ import torch
 from xatl_convert.errors import OutputError
 from xatl_convert.export.writer import FORMATS, ExportedTensors, mapped_shards, xatl_weights
 from xatl_convert.json_files import json_type
+from xatl_convert.verify.export_logits import check_export_logits, check_name
+from xatl_convert.verify.passes import Progress, Run
 from xatl_convert.verify.report import CheckResult, VerifyReport
-
-LOGIT_BOUND = 1e-5
 
 
 def is_export(folder: Path) -> bool:
@@ -31,24 +31,51 @@ def is_export(folder: Path) -> bool:
     return isinstance(manifest, dict) and "export" in manifest
 
 
-def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int = 256) -> VerifyReport:
-    """Two checks: "tensors as exported" and "logits = xatl model" (relative ≤ 1e-5, float32)."""
-    from transformers import AutoModelForCausalLM
-
+def verify_export(
+    folder: Path,
+    text: str | Path | None = None,
+    max_tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Two checks: "tensors as exported" (bit for bit) and "logits = xatl model": the export in transformers' own
+    class against the xatl model, both streamed block by block, in `dtype` (float32 or float64), on the CPU's
+    reference paths, over the first `max_tokens` tokens (default 1024: the rounding bound is measured there)."""
     from xatl_convert.manifest import read_manifest
-    from xatl_convert.verify.checks import read_output_config, sample_input_ids
-    from xatl_convert.verify.streaming import relative_error
+    from xatl_convert.verify.checks import EXPORT_SAMPLE_TOKENS, read_output_config, sample_input_ids
 
-    origin, module = _export_record(folder, read_manifest(folder))
+    max_tokens = EXPORT_SAMPLE_TOKENS if max_tokens is None else max_tokens
+    manifest = read_manifest(folder)
+    origin, module = _export_record(folder, manifest)
     if not (origin / "config.json").is_file():
         raise OutputError(f"{folder}: exported from {origin}, which is gone; verify needs that xatl folder")
+    if module.NAME == "gguf":  # one llama.cpp file: its own checks (xatl_convert/export/gguf_verify.py)
+        from xatl_convert.export.gguf_verify import verify_gguf_export
+
+        return verify_gguf_export(folder, origin, manifest["export"], text, max_tokens)
     config = read_output_config(origin)
     report = VerifyReport(output=str(folder), source=str(origin))
+    report.checks.append(_tensors_as_exported(folder, origin, module, config.to_dict()))
+    ids = sample_input_ids(origin, config, text, max_tokens)
+    report.sample = {"tokens": int(ids.shape[1]), "text": str(text) if text is not None else "built-in"}
+    if module.NAME == "mamba-ssm":  # not a transformers class; its kernels need CUDA
+        report.checks.append(CheckResult(check_name(module.NAME), "skip", "mamba-ssm runs on CUDA only",
+                                         "benchmarks/gpu_check.sh compares it there"))  # fmt: skip
+        return report
+    run = Run(config, ids, dtype, torch.device("cpu"), None, progress)  # the CPU paths the bound was measured on
+    with xatl_weights(origin) as weights:
+        report.checks.append(check_export_logits(run, weights, folder, module.NAME))
+    return report
+
+
+def _tensors_as_exported(folder: Path, origin: Path, module: ModuleType, config: dict[str, Any]) -> CheckResult:
+    """Every tensor the format makes from the xatl folder, equal bit for bit to the export's, and no other. Its own
+    function, so that the last xatl shard it holds is freed before the logits are streamed."""
     found = ExportedTensors(folder)
     expected: set[str] = set()
     differ: list[str] = []
     with xatl_weights(origin) as weights:
-        for _, tensors in mapped_shards(weights, module, config.to_dict()):  # one xatl shard in memory at a time
+        for _, tensors in mapped_shards(weights, module, config):  # one xatl shard in memory at a time
             for name, value in tensors.items():
                 expected.add(name)
                 if name not in found.files or not torch.equal(found.read(name), value):
@@ -57,26 +84,8 @@ def verify_export(folder: Path, text: str | Path | None = None, max_tokens: int 
     extra = sorted(set(found.files) - expected)
     status = "pass" if not differ and not extra else "fail"
     value = f"{len(expected) - len(differ)}/{len(expected)} equal" + (f", {len(extra)} unexpected" if extra else "")
-    report.checks.append(CheckResult("tensors as exported", status, value, "bit-for-bit from the xatl folder",
-                                     {"differ": differ[:20], "unexpected": extra[:20]}))  # fmt: skip
-    ids = sample_input_ids(origin, config, text, max_tokens)
-    report.sample = {"tokens": int(ids.shape[1]), "text": str(text) if text is not None else "built-in"}
-    logits_check = f"logits = xatl model ({module.NAME}, no remote code)"
-    if module.NAME == "mamba-ssm":  # not a transformers class; its kernels need CUDA
-        report.checks.append(CheckResult(logits_check, "skip", "mamba-ssm runs on CUDA only",
-                                         "benchmarks/gpu_check.sh compares it there"))  # fmt: skip
-        return report
-    logits: dict[str, Any] = {}
-    for name, path, remote in (("xatl", origin, True), (module.NAME, folder, False)):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
-        with torch.no_grad():
-            logits[name] = model(ids, use_cache=False).logits
-        del model
-    error = relative_error(logits[module.NAME], logits["xatl"])
-    report.checks.append(CheckResult(logits_check,
-                                     "pass" if error <= LOGIT_BOUND else "fail", f"{error:.1e}",
-                                     f"relative ≤ {LOGIT_BOUND:g}", {"relative_error": error}))  # fmt: skip
-    return report
+    return CheckResult("tensors as exported", status, value, "bit-for-bit from the xatl folder",
+                       {"differ": differ[:20], "unexpected": extra[:20]})  # fmt: skip
 
 
 def _export_record(folder: Path, manifest: dict[str, Any]) -> tuple[Path, ModuleType]:

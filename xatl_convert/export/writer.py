@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from xatl_convert.errors import OutputError, SourceError, XatlError
-from xatl_convert.export import bamba, granitemoehybrid, mamba_ssm
+from xatl_convert.export import bamba, gguf, granitemoehybrid, mamba_ssm
 from xatl_convert.sources.checkpoint import SourceCheckpoint, open_written_weights
 
 # Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
 # tensors(name, value, config), and optionally fuse(state, config) with WEIGHTS_FILE (tensors that several xatl
-# tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards).
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm)}
+# tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards). gguf writes one
+# file of its own (`_export_gguf`).
+FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm, gguf)}
 _CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
             "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
 
@@ -41,6 +42,22 @@ def check_format(format: str, config: dict[str, Any], where: str | Path) -> Modu
         raise ExportError(f"{where}: cannot be exported as {format} without changing what it computes: "
                           + "; ".join(reasons))  # fmt: skip
     return module
+
+
+def check_folder(module: ModuleType, folder: Path, config: dict[str, Any], gguf_type: str | None = None) -> None:
+    """What the config alone does not say: the format's options, and (gguf) whether the folder's tokenizer fits;
+    one ExportError before anything is written. `folder` is the xatl folder, or the source for `convert --format`."""
+    if gguf_type is not None and module is not gguf:
+        raise ExportError(f"--gguf-type is for --format gguf, not {module.NAME}")
+    if module is not gguf:
+        return
+    from xatl_convert.export.gguf_file import require_gguf
+
+    require_gguf()
+    gguf.chosen_type(gguf_type, torch.float32)  # a bad --gguf-type is one line now, not after the work
+    reasons = gguf.folder_refusals(folder, config)
+    if reasons:
+        raise ExportError(f"{folder}: cannot be exported as gguf: " + "; ".join(reasons))
 
 
 def xatl_weights(folder: Path) -> SourceCheckpoint:
@@ -75,9 +92,11 @@ def mapped_shards(
         yield module.WEIGHTS_FILE, module.fuse(gathered, config)
 
 
-def export_folder(folder: str | Path, out: str | Path, format: str, force: bool = False) -> list[str]:
+def export_folder(
+    folder: str | Path, out: str | Path, format: str, force: bool = False, gguf_type: str | None = None
+) -> list[str]:
     """Write FOLDER (an xatl output) to OUT in `format`, shard by shard as FOLDER holds them; returns the names of
-    the tensors written."""
+    the tensors written. `gguf_type` (auto, f32, f16, bf16, q8_0) is for --format gguf only."""
     from xatl_convert.manifest import MANIFEST_NAME, read_manifest
     from xatl_convert.output_folder import ensure_writable, staged_output
     from xatl_convert.verify.checks import read_output_config
@@ -92,8 +111,11 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
         raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
     config = _with_token_ids(read_output_config(folder).to_dict(), folder)
     module = check_format(format, config, folder)
+    check_folder(module, folder, config, gguf_type)
     manifest = read_manifest(folder)
     weights = xatl_weights(folder)
+    if module is gguf:
+        return _export_gguf(folder, out, force, config, manifest, weights, gguf_type)
     needed = sum((folder / file).stat().st_size for file in {info.file for info in weights.tensors.values()})
     weight_map: dict[str, str] = {}
     with staged_output(out, force, needed_bytes=needed) as staging, weights:
@@ -119,6 +141,34 @@ def export_folder(folder: str | Path, out: str | Path, format: str, force: bool 
         manifest["export"] = {"format": format, "from": str(folder), "xatl_convert_version": xatl_version()}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return sorted(weight_map)
+
+
+def _export_gguf(
+    folder: Path, out: str | Path, force: bool, config: dict[str, Any], manifest: dict[str, Any],
+    weights: SourceCheckpoint, gguf_type: str | None,
+) -> list[str]:  # fmt: skip
+    """OUT holds one model.gguf (llama.cpp), the manifest with its export record, and the model card."""
+    from xatl_convert.export import gguf_file
+    from xatl_convert.manifest import MANIFEST_NAME
+    from xatl_convert.output_folder import staged_output
+    from xatl_convert.write_guard import xatl_version
+
+    matrices = [info.dtype for info in weights.tensors.values() if len(info.shape) == 2]
+    chosen = gguf.chosen_type(gguf_type, matrices[0] if matrices else torch.float32)
+    planned = gguf_file.plan_tensors(weights, config, chosen)
+    provenance = {"version": xatl_version(), "exported_from": str(folder),
+                  "source": str((manifest.get("source") or {}).get("reference", "")),
+                  "mapping": str((manifest.get("mapping") or {}).get("name", ""))}  # fmt: skip
+    with staged_output(out, force, needed_bytes=gguf_file.planned_bytes(planned)) as staging, weights:
+        pre = gguf_file.write_gguf(staging / gguf.FILE_NAME, folder, weights, config, planned, chosen,
+                                   Path(out).name, provenance)  # fmt: skip
+        if (folder / "README.md").is_file():
+            shutil.copyfile(folder / "README.md", staging / "README.md")
+        manifest["export"] = {"format": gguf.NAME, "from": str(folder), "xatl_convert_version": xatl_version(),
+                              "file": gguf.FILE_NAME, "gguf_type": chosen, "tokenizer_pre": pre,
+                              "architecture": gguf.ARCHITECTURE}  # fmt: skip
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return [tensor.name for tensor in planned]
 
 
 def _with_token_ids(config: dict[str, Any], folder: Path) -> dict[str, Any]:

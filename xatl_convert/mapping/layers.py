@@ -5,6 +5,9 @@ Presets:
 - ``all``: every layer stays attention (the converted model then reproduces the source exactly);
 - ``paper``: layers 1 and N/2 - 1, as kept in the XATL paper;
 - ``every-K``: every K-th layer (K-1, 2K-1, ...), e.g. every-2 for 50% Mamba, every-8 for 87.5%.
+
+``auto:K`` is no preset: the K layers are measured on text (`xatl_convert.layer_selection`), and the result is then
+passed on as indices.
 """
 
 from __future__ import annotations
@@ -27,8 +30,28 @@ PRESETS = {
     "paper": "layers 1 and N/2-1, as in the XATL paper",
     "every-K": "every K-th layer kept as attention (every-2: 50% LCI, every-4: 75%, every-8: 87.5%)",
 }
+AUTO_HELP = "auto:K: the K layers that a short measurement on --data ranks highest"
 
 _EVERY = re.compile(r"every-(\d+)")
+_AUTO = re.compile(r"\s*auto(?::(.*))?\s*")
+
+
+class AutoSpecError(ValueError):
+    """`--attn-layers auto:K` with a K that is not a whole number of at least 1."""
+
+
+def auto_keep(spec: str | None) -> int | None:
+    """K of an `auto:K` spec, None for any other spec; a malformed or non-positive K raises AutoSpecError."""
+    match = _AUTO.fullmatch(spec) if spec is not None else None
+    if spec is None or match is None:
+        return None
+    text = (match.group(1) or "").strip()
+    if not text.lstrip("+-").isdigit():
+        raise AutoSpecError(f"{spec.strip()}: expected auto:K with K the number of layers to keep, e.g. auto:2")
+    keep = int(text)
+    if keep < 1:
+        raise AutoSpecError(f"{spec.strip()}: K is the number of layers kept as attention; keep at least 1")
+    return keep
 
 
 def attention_layer_indices(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -52,6 +75,11 @@ def layer_types(attention_layers: Sequence[int], num_layers: int, mixer: str) ->
 def _preset_or_list(spec: str, num_layers: int) -> list[int]:
     if spec in ("", "none"):
         return []
+    if _AUTO.fullmatch(spec):
+        raise ValueError(
+            f"{spec!r} is chosen by measurement, not a preset: give text to measure on (xatl convert --data TEXT), "
+            "or pass xatl_convert.layer_selection.select.select_layers(...)'s result as the layers"
+        )
     if spec == "all":
         return list(range(num_layers))
     if spec == "paper":

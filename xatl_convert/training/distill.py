@@ -40,7 +40,7 @@ from xatl_convert.settings import DistillSettings, SettingsError
 from xatl_convert.write_guard import CommandPaths, xatl_version
 from xatl_convert.writer import copy_named_chat_templates, failed_file, safetensors_state, save_shard
 
-from .align import Aligner
+from .align import Aligner, cosine_to_a_tenth
 from .callback import LITCallback, LITTrainer
 from .checkpoints import RunCheckpoints
 from .controller import LITController
@@ -356,12 +356,6 @@ def _trainer_folder(folder: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="xatl-trainer-") as scratch:
         yield Path(scratch)
-
-
-def cosine_to_a_tenth(step: int, steps: int) -> float:
-    """The align learning rate's factor at `step` of `steps`: 1 at the start, 0.1 at the end, on a half cosine. A
-    high peak moves the freshly initialised mixers fast; the decay lets them settle."""
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, steps - 1)))
 
 
 def _batches(train: PackedBlocks, batch_size: int, start: int = 0) -> Callable[[int], torch.Tensor]:

@@ -32,7 +32,8 @@ from xatl_convert.verify.report import CheckResult, VerifyReport
 from xatl_convert.verify.streaming import return_freed_blocks_to_the_os
 from xatl_convert.verify.twin import run_twin
 
-SAMPLE_TOKENS = 256
+SAMPLE_TOKENS = 256  # a conversion's verify: several passes per block, decoding included
+EXPORT_SAMPLE_TOKENS = 1024  # an export's: two plain passes, at the length its rounding bound was measured at
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -43,7 +44,7 @@ def verify(
     device: str = "auto",
     layers: int | None = None,
     text: str | Path | None = None,
-    max_tokens: int = SAMPLE_TOKENS,
+    max_tokens: int | None = None,
     precision: str = "float32",
     progress: Progress | None = None,
 ) -> VerifyReport:
@@ -53,18 +54,19 @@ def verify(
     available). Each LCI mixer type's kernel call path is checked against its reference path: on the real kernels
     where they serve the device, else on their stand-ins. layers: check only the first N blocks (quick CI); the
     checks that need the logits of the whole model are then skipped. text: a UTF-8 file to score instead of the
-    built-in sample (its first `max_tokens` tokens). precision: "float32" (the default, whatever the checkpoint's
-    dtype) or "float64", which separates a logic error from rounding. progress(pass, block, blocks) is called as
-    each pass starts each block.
+    built-in sample (its first `max_tokens` tokens: by default 256 for a converted folder, 1024 for an export).
+    precision: "float32" (the default, whatever the checkpoint's dtype) or "float64", which separates a logic error
+    from rounding. progress(pass, block, blocks) is called as each pass starts each block.
     """
     output = Path(output)
     from xatl_convert.export.verify import is_export, verify_export
 
-    if is_export(output):  # written by xatl export: checked against the xatl folder it came from
-        return verify_export(output, text, max_tokens)
-    target = resolve_device(device)
     dtype = _precision(precision)
     return_freed_blocks_to_the_os()
+    if is_export(output):  # written by xatl export: checked against the xatl folder it came from
+        return verify_export(output, text, max_tokens, dtype, progress)
+    target = resolve_device(device)
+    max_tokens = SAMPLE_TOKENS if max_tokens is None else max_tokens
     # everything a user can get wrong is read and validated here, before any model is built
     manifest = read_manifest(output)
     config = read_output_config(output)
