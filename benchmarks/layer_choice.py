@@ -19,7 +19,7 @@ and the selection's tokens as a share of one arm's training tokens. Arms run `--
 process with one torch thread (on a shared 2-core machine, two single-threaded runs beat one run on two threads).
 Writes benchmarks/results/layer_choice.json (`--results`). A finished arm is reused (`--rerun` trains again).
 
-    python -m benchmarks.layer_choice [--align-steps 16] [--kd-steps 8] [--select-tokens 2048] [--workers 2]
+    python -m benchmarks.layer_choice [--align-steps 32] [--kd-steps 16] [--select-tokens 4096] [--workers 2]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = WORK / "layer_choice"
 LAYERS = 30
 KEEPS = (2, 4)
+ROW_KEYS = ("arm", "K", "layers", "tokens", "end", "other_text_loss", "start", "train_seconds", "wall_seconds")
 INIT = {"options.attention_init": True}
 
 
@@ -164,9 +165,9 @@ def teacher_other_text_loss(eval_blocks: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--align-steps", type=int, default=16)
-    parser.add_argument("--kd-steps", type=int, default=8)
-    parser.add_argument("--select-tokens", type=int, default=2048)
+    parser.add_argument("--align-steps", type=int, default=32)
+    parser.add_argument("--kd-steps", type=int, default=16)
+    parser.add_argument("--select-tokens", type=int, default=4096)
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out and other-text blocks of 256 tokens")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -178,7 +179,6 @@ def main() -> int:
         parser.error(f"{tokens:,} training tokens per arm: the issue allows at most 262,144")
     teacher, text = build(), corpus()
     ROOT.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         measuring = pool.submit(select, teacher, text, args.select_tokens, args.threads)  # first: auto's arms wait
         fixed = [arm for arm in arms({2: [], 4: []}) if arm[0] != "auto"]
@@ -189,11 +189,11 @@ def main() -> int:
         futures += [pool.submit(run_arm, "auto", keep, auto[keep], args, selection) for keep in KEEPS]
         rows = [future.result() for future in futures]
     other_teacher = teacher_other_text_loss(args.eval_blocks)
-    report(rows, selection, args, other_teacher, time.perf_counter() - began)
+    report(rows, selection, args, other_teacher)
     return 0
 
 
-def report(rows: list[dict], selection: dict, args: argparse.Namespace, other_teacher: float, seconds: float) -> None:
+def report(rows: list[dict], selection: dict, args: argparse.Namespace, other_teacher: float) -> None:
     """The table (printed, as markdown) and benchmarks/results/layer_choice.json, with the targets' verdicts."""
     order = {("auto", 2): 0, ("paper", 2): 1, ("uniform", 2): 2, ("random", 2): 3, ("auto", 4): 4, ("uniform", 4): 5,
              ("random", 4): 6}  # fmt: skip
@@ -212,10 +212,8 @@ def report(rows: list[dict], selection: dict, args: argparse.Namespace, other_te
     }
     summary = {"teacher_loss": teacher, "teacher_other_text_loss": other_teacher, "align_steps": args.align_steps,
                "kd_steps": args.kd_steps, "training_tokens_per_arm": training, "selection": selection,
-               "selection_share": share, "selection_seconds_share": seconds_share, "wall_seconds": round(seconds, 1),
-               "targets": targets,
-               "rows": [{key: row[key] for key in ("arm", "K", "layers", "tokens", "end", "other_text_loss",
-                                                   "start", "train_seconds")} for row in rows]}  # fmt: skip
+               "selection_share": share, "selection_seconds_share": seconds_share, "targets": targets,
+               "rows": [{key: row[key] for key in ROW_KEYS} for row in rows]}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.results).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\nteacher: held-out {teacher:.3f}, licences {other_teacher:.3f}; {training:,} training tokens per arm; "
