@@ -24,7 +24,7 @@ from xatl_convert.layer_selection.select import select_layers, teacher_log_probs
 from xatl_convert.manifest import read_manifest
 from xatl_convert.settings import LayerSelectionSettings
 
-LOUD = 1  # the layer whose attention matters most
+LOUD = 2  # the layer whose attention matters most: not 0 or 1, which matter most in a random 4-layer model anyway
 LAYERS = 4
 SMALL_CHUNKS = {"mamba2.chunk_size": 16}
 SETTINGS = LayerSelectionSettings(keep=2, select_tokens=1024, block_size=64)
@@ -43,7 +43,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0.0, parameter.shape[1] ** -0.5)
-        model.model.layers[LOUD].self_attn.o_proj.weight.mul_(8.0)
+        model.model.layers[LOUD].self_attn.o_proj.weight.mul_(16.0)
     model.save_pretrained(root / "source")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(EXAMPLE_CHECKPOINT / name, root / "source" / name)
@@ -59,7 +59,7 @@ def selection(world: Path):
 def test_the_layer_whose_restoration_matters_most_ranks_first_and_is_picked_first(selection) -> None:
     assert [entry.layer for entry in selection.scores] == list(range(LAYERS))  # every layer measured
     ranking = selection.ranking()
-    assert ranking[0].layer == LOUD and ranking[0].score > 2 * ranking[1].score > 0, ranking
+    assert ranking[0].layer == LOUD and ranking[0].score > 1.5 * ranking[1].score > 0, ranking
     for entry in selection.scores:  # a score is the measured KL drop from the all-LCI student
         assert entry.score == pytest.approx(selection.baseline_kl - entry.kl)
     assert selection.picks[0].layer == LOUD and len(selection.chosen) == 2
