@@ -540,10 +540,9 @@ def select_layers_command(
     overrides = {**parse_overrides(set_values or []), **init_overrides(init)}
     selection = _select_layers(source, data, settings, to, revision, cache_dir, mapping, overrides)
     if json_path is not None:
-        from xatl_convert.write_guard import REPORT_KEY, xatl_version
+        from xatl_convert.write_guard import report_marks
 
-        report = {REPORT_KEY: "select-layers", "xatl_convert_version": xatl_version(), "source": source,
-                  "to": to, **selection.record()}  # fmt: skip
+        report = {**report_marks("select-layers"), "source": source, "to": to, **selection.record()}
         write_report_file(json_path, json.dumps(report, indent=2) + "\n", "--json")
 
 

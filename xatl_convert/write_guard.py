@@ -95,6 +95,11 @@ def xatl_version() -> str:
     return __version__
 
 
+def report_marks(command: str) -> dict[str, str]:
+    """What opens every report xatl writes: the command (so a later run may replace the file) and the version."""
+    return {REPORT_KEY: command, "xatl_convert_version": xatl_version()}
+
+
 def hub_caches(cache_dir: str | Path | None = None) -> dict[Path, str]:
     """The folders a Hub input is read from: the model cache (or --cache-dir) and HF_HOME with the datasets cache."""
     from huggingface_hub import constants

@@ -25,6 +25,7 @@ import torch
 from xatl_convert.errors import OutputError
 from xatl_convert.export import gguf as layout
 from xatl_convert.export.gguf_file import converted, dequantized, mapped_values, read_gguf
+from xatl_convert.export.verify import tensors_as_exported
 from xatl_convert.verify.report import CheckResult, VerifyReport
 
 LOGIT_BOUND = 1e-3  # relative (max |difference| / max |logit|), llama.cpp's fp32 CPU kernels against torch's
@@ -74,14 +75,11 @@ def _tensors_check(reader: Any, weights: Any, config: dict[str, Any], chosen: st
             differ.append(name)
         elif kind == "Q8_0":
             worst = max(worst, q8_0_error_over_bound(dequantized(tensor), value))
-    extra = sorted(set(stored) - expected)
-    status = "pass" if not differ and not extra and worst <= 1 else "fail"
-    value = f"{len(expected) - len(differ)}/{len(expected)} equal" + (f", {len(extra)} unexpected" if extra else "")
-    details = {"differ": sorted(differ)[:20], "unexpected": extra[:20], "type": chosen}
+    details: dict[str, Any] = {"type": chosen}
     if chosen == "Q8_0":
         details["q8_0_max_error_over_bound"] = worst
-    return CheckResult("tensors as exported", status, value, f"bit-for-bit, the xatl tensors rounded to {chosen}",
-                       details)  # fmt: skip
+    bound = f"bit-for-bit, the xatl tensors rounded to {chosen}"
+    return tensors_as_exported(expected, differ, stored, bound, details, within_bound=worst <= 1)
 
 
 def q8_0_error_over_bound(stored: torch.Tensor, value: torch.Tensor) -> float:

@@ -5,6 +5,7 @@ model's on the same text."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -80,12 +81,24 @@ def _tensors_as_exported(folder: Path, origin: Path, module: ModuleType, config:
                 expected.add(name)
                 if name not in found.files or not torch.equal(found.read(name), value):
                     differ.append(name)
-    differ.sort()
-    extra = sorted(set(found.files) - expected)
-    status = "pass" if not differ and not extra else "fail"
+    return tensors_as_exported(expected, differ, found.files, "bit-for-bit from the xatl folder")
+
+
+def tensors_as_exported(
+    expected: set[str],
+    differ: list[str],
+    stored: Iterable[str],
+    bound: str,
+    details: dict[str, Any] | None = None,
+    within_bound: bool = True,
+) -> CheckResult:
+    """The "tensors as exported" row of every format: how many expected tensors are equal, which differ, and which
+    the export holds that the xatl folder does not make."""
+    extra = sorted(set(stored) - expected)
+    status = "pass" if not differ and not extra and within_bound else "fail"
     value = f"{len(expected) - len(differ)}/{len(expected)} equal" + (f", {len(extra)} unexpected" if extra else "")
-    return CheckResult("tensors as exported", status, value, "bit-for-bit from the xatl folder",
-                       {"differ": differ[:20], "unexpected": extra[:20]})  # fmt: skip
+    return CheckResult("tensors as exported", status, value, bound,
+                       {"differ": sorted(differ)[:20], "unexpected": extra[:20], **(details or {})})  # fmt: skip
 
 
 def _export_record(folder: Path, manifest: dict[str, Any]) -> tuple[Path, ModuleType]:

@@ -14,15 +14,14 @@ import torch
 
 from xatl_convert.errors import OutputError, SourceError, XatlError
 from xatl_convert.export import bamba, gguf, granitemoehybrid, mamba_ssm
-from xatl_convert.sources.checkpoint import SourceCheckpoint, open_written_weights
+from xatl_convert.sources.checkpoint import TOKENIZER_FILES, SourceCheckpoint, open_written_weights
 
 # Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
 # tensors(name, value, config), and optionally fuse(state, config) with WEIGHTS_FILE (tensors that several xatl
 # tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards). gguf writes one
 # file of its own (`_export_gguf`).
 FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm, gguf)}
-_CARRIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-            "tokenizer.model", "generation_config.json", "chat_template.jinja", "README.md")  # fmt: skip
+_CARRIED = (*TOKENIZER_FILES, "README.md")  # what a conversion copies from its source, and the card
 
 
 _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")

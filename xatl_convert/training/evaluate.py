@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xatl_convert.settings import EvalSettings
-from xatl_convert.write_guard import REPORT_KEY, xatl_version
+from xatl_convert.write_guard import report_marks
 
 from .data import DataError, DataSpec, PackedBlocks, Split
 
@@ -102,9 +102,7 @@ class Evaluation:
 
     def to_json(self) -> str:
         """The results as JSON, marked as an xatl report (so that a later run may replace the file)."""
-        return (
-            json.dumps({REPORT_KEY: "eval", "xatl_convert_version": xatl_version(), **self.to_dict()}, indent=2) + "\n"
-        )
+        return json.dumps({**report_marks("eval"), **self.to_dict()}, indent=2) + "\n"
 
 
 def evaluate_folder(

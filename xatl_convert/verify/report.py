@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from xatl_convert.write_guard import REPORT_KEY, xatl_version
+from xatl_convert.write_guard import report_marks
 
 Status = Literal["pass", "fail", "skip"]
 
@@ -52,7 +52,7 @@ class VerifyReport:
 
     def to_json(self) -> str:
         """The report as CI reads it, marked as an xatl report (so that a later run may replace the file)."""
-        data = {REPORT_KEY: "verify", "xatl_convert_version": xatl_version(), **self.to_dict()}
+        data = {**report_marks("verify"), **self.to_dict()}
         return json.dumps(data, indent=2, default=_json_number) + "\n"
 
     def to_junit(self, seconds: float = 0.0) -> str:
@@ -70,7 +70,7 @@ class VerifyReport:
         name = _xml_text(f"xatl verify {self.output}")
         suite = ElementTree.SubElement(root, "testsuite", {"name": name, **totals, "skipped": skipped})
         properties = ElementTree.SubElement(suite, "properties")
-        recorded = {REPORT_KEY: "verify", "xatl_convert_version": xatl_version(), "output": self.output}
+        recorded = {**report_marks("verify"), "output": self.output}
         recorded.update({"source": self.source} if self.source is not None else {})
         recorded.update({f"sample.{key}": str(value) for key, value in self.sample.items()})
         for name, value in recorded.items():
