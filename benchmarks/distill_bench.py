@@ -108,7 +108,7 @@ def students(teacher: Path, kind: str, root: Path) -> dict[str, Path]:
 def arm_command(arm: str, student: Path, teacher: Path, text: Path, out: Path, args: argparse.Namespace) -> list[str]:
     common = ["--teacher", str(teacher), "--data", str(text), "--out", str(out), "--batch-size", "4",
               "--block-size", "256", "--eval-every", str(args.eval_every), "--save-every", str(args.eval_every),
-              "--resume", "--seed", "0"]  # fmt: skip
+              "--resume", "--seed", str(args.seed)]  # fmt: skip
     steps, half = args.steps, args.steps // 2
     recipe = {
         "a": ["--stage", "ce", "--kd-steps", str(steps), "--kd-lr", "1e-3", "--no-freeze"],
@@ -131,6 +131,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--student", choices=["mamba2", "mamba"], default="mamba2")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (data order is fixed; init and dropout vary)")
     parser.add_argument("--rerun", action="store_true", help="train finished arms again")
     args = parser.parse_args()
 
@@ -140,7 +141,7 @@ def main() -> int:
     folders = students(teacher, args.student, root)
     outputs = {}
     for arm in args.arms:
-        out = root / f"{args.student}-{args.steps}-arm-{arm}"
+        out = root / f"{args.student}-{args.steps}-arm-{arm}{f'-seed{args.seed}' if args.seed else ''}"
         outputs[arm] = out
         if out.exists() and not args.rerun:
             print(f"arm {arm}: reusing {out}")

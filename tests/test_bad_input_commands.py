@@ -56,6 +56,10 @@ DISTILL_ONLY = [
     ("--eval-every", "-1", "greater than or equal to 0"),
     ("--save-every", "-1", "greater than or equal to 0"),
     ("--stage", "everything", "expected all, align, kd or ce"),
+    ("--align-block-share", "1.5", "less than or equal to 1"),
+    ("--lit-preset", "after-0", "choose from paper-1pct, paper-0.5pct, after-N"),
+    ("--lit-preset", "paper", "choose from paper-1pct, paper-0.5pct, after-N"),
+    ("--mix-share", "1", "less than 1"),
 ]
 EVAL_ONLY = [
     ("--max-blocks", "0", "greater than or equal to 1"),

@@ -686,6 +686,22 @@ def distill_command(
     ] = True,
     temperature: Annotated[float, typer.Option(metavar="T", help="Temperature of the kd loss.")] = 1.0,
     ce_weight: Annotated[float, typer.Option(metavar="W", help="Weight of a next-token loss added in kd.")] = 0.0,
+    align_block_share: Annotated[
+        float,
+        typer.Option(metavar="S", help="Share of align's last steps that fit whole blocks' outputs (MOHAWK stage 2)."),
+    ] = 0.0,
+    lit_preset: Annotated[
+        str,
+        typer.Option(
+            metavar="PRESET", help="When LIT unfreezes: paper-1pct, paper-0.5pct (loss plateaus) or after-N (step N)."
+        ),
+    ] = "paper-1pct",
+    mix_data: Annotated[
+        str | None,
+        typer.Option(metavar="DATA", help="Other text spread through the training blocks (not the held-out split)."),
+        Reads("the --mix-data text", hub="dataset"),
+    ] = None,
+    mix_share: Annotated[float, typer.Option(metavar="S", help="Share of training blocks from --mix-data.")] = 0.25,
     eval_every: Annotated[int, typer.Option(metavar="N", help="Held-out loss every N steps, for the curve.")] = 0,
     save_every: Annotated[int, typer.Option(metavar="N", help="Checkpoint every N steps (beside OUT).")] = 0,
     checkpoints: Annotated[
@@ -705,7 +721,8 @@ def distill_command(
         align_steps=align_steps, kd_steps=kd_steps, align_tokens=align_tokens, kd_tokens=kd_tokens,
         batch_size=batch_size, grad_accum=grad_accum, block_size=block_size, align_lr=align_lr, align_w_o=align_w_o,
         kd_lr=kd_lr, unfreeze_lr=unfreeze_lr, freeze=freeze, temperature=temperature, ce_weight=ce_weight,
-        eval_every=eval_every, save_every=save_every, seed=seed,
+        eval_every=eval_every, save_every=save_every, seed=seed, align_block_share=align_block_share,
+        lit_preset=lit_preset, mix_data=mix_data, mix_share=mix_share,
     )  # fmt: skip
     if stage not in ("all", "align", "kd", "ce"):
         raise XatlError(f"--stage {stage!r}: expected all, align, kd or ce")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xatl_convert.errors import XatlError
 
@@ -58,6 +58,9 @@ class DistillSettings(CommandSettings):
     block_size: Annotated[int, Field(ge=2)] = 256
     align_lr: Rate = 1e-2  # peak; cosine decay to a tenth over the stage
     align_w_o: bool = True  # align fits the transferred W_O (the mixers' out_proj) with the rest of each mixer
+    # The last share of align's steps fits each LCI block's output (its residual update, MLP included) to the
+    # teacher block's, from the teacher's input to that block (MOHAWK's stage 2), instead of the mixer's output.
+    align_block_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
     kd_lr: Rate = 1e-4
     unfreeze_lr: Rate = 1e-4
     temperature: Rate = 1.0
@@ -65,6 +68,8 @@ class DistillSettings(CommandSettings):
     freeze: bool = True  # transferred weights frozen until LIT (XATL); False trains every weight from the start
     lit_preset: str = "paper-1pct"
     lit_window: Count = 20
+    mix_data: str | None = None  # other text mixed into the training blocks (never into the held-out split)
+    mix_share: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.25  # of the training blocks
     held_out: Annotated[float, Field(gt=0, lt=1)] = 0.05
     eval_blocks: Count = 32  # as `xatl eval --max-blocks`, so that eval's gap uses the same blocks
     eval_every: Steps = 0  # steps between held-out evaluations for the curve (0: start and end only)
@@ -87,6 +92,14 @@ class DistillSettings(CommandSettings):
                 raise ValueError(f"--{stage}-tokens {tokens}: expected a number of tokens, 0 or more")
             values[f"{stage}_steps"] = -(-tokens // tokens_per_step) if tokens_per_step else 0
         return values
+
+    @field_validator("lit_preset")
+    @classmethod
+    def _known_preset(cls, name: str) -> str:
+        from xatl_convert.training.lit import LossImprovementThreshold
+
+        LossImprovementThreshold.preset(name)  # its ValueError names the presets
+        return name
 
     @model_validator(mode="after")
     def _accumulation_divides_batch(self) -> DistillSettings:

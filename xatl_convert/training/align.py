@@ -11,6 +11,11 @@ learning rate). `train_w_o=False` keeps it frozen too. Everything else transferr
 attention layers, the head) stays as it is (XATL's freezing) until `kd`'s LIT. One teacher forward per batch
 gives every layer's pair; each layer's graph is built and freed in turn, so memory is one teacher forward plus one
 mixer's graph.
+
+With `target = "block"` (MOHAWK's stage 2, hidden-state alignment), the pair is instead the teacher block's input
+and the residual update it adds (output − input), and the student's whole block runs on that input: the mixer is
+then fitted through the transferred MLP and norms to what the block must add to the stream, not only to what its
+attention computed. The same parameters train; only the target moves.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,7 +68,8 @@ def teacher_attention(teacher: nn.Module, num_layers: int) -> list[nn.Module]:
 
 @contextmanager
 def attention_taps(attention: dict[int, nn.Module]) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """While active, each forward records {layer: (normalised input, attention output)} of the given modules."""
+    """While active, each forward records {layer: (input, output)} of the given modules: the normalised input and
+    output of attention modules, or the stream into and out of decoder blocks."""
     pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for index, module in attention.items():
@@ -108,14 +114,18 @@ class Aligner:
     teacher: nn.Module
     manifest: dict[str, Any]
     train_w_o: bool = True
+    target: Literal["mixer", "block"] = "mixer"  # may change between steps
     layers: list[int] = field(init=False)
     attention: dict[int, nn.Module] = field(init=False)
+    teacher_blocks: dict[int, nn.Module] = field(init=False)
 
     def __post_init__(self) -> None:
         types = self.student.config.layer_types
         self.layers = [index for index, kind in enumerate(types) if kind != "attention"]
         modules = teacher_attention(self.teacher, len(types))
         self.attention = {index: modules[index] for index in self.layers}
+        _, blocks = decoder_blocks(self.teacher, len(types))
+        self.teacher_blocks = {index: blocks[index] for index in self.layers}
         self.teacher.eval().requires_grad_(False)
         trainable = mixer_parameters(self.student, self.manifest, self.train_w_o)
         for name, parameter in self.student.named_parameters():
@@ -147,25 +157,27 @@ class Aligner:
 
     def _losses(self, input_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """Each LCI layer's loss on `input_ids`, layer by layer after one teacher forward."""
-        with torch.no_grad(), attention_taps(self.attention) as pairs:
+        with torch.no_grad(), attention_taps(self._tapped()) as pairs:
             self.teacher(input_ids=input_ids)
-        blocks = self.student.model.layers
         for index in self.layers:
-            hidden, target = pairs.pop(index)  # freed as soon as its layer is done
-            yield index, normalised_mse(blocks[index].mixer(hidden.to(_dtype(blocks[index]))), target)
+            yield index, self._layer_loss(index, *pairs.pop(index))  # each pair is freed once its layer is done
+
+    def _tapped(self) -> dict[int, nn.Module]:
+        return self.teacher_blocks if self.target == "block" else self.attention
+
+    def _layer_loss(self, index: int, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        block = self.student.model.layers[index]
+        hidden = hidden.to(_dtype(block))
+        if self.target == "block":  # the residual update: the stream itself would swamp the loss
+            return normalised_mse(block(hidden) - hidden, target.to(hidden.dtype) - hidden)
+        return normalised_mse(block.mixer(hidden), target)
 
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor) -> dict[int, float]:
         """Each LCI layer's normalised MSE on a batch, without training."""
-        with attention_taps(self.attention) as pairs:
+        with attention_taps(self._tapped()) as pairs:
             self.teacher(input_ids=input_ids)
-        blocks = self.student.model.layers
-        return {
-            index: normalised_mse(
-                blocks[index].mixer(pairs[index][0].to(_dtype(blocks[index]))), pairs[index][1]
-            ).item()
-            for index in self.layers
-        }
+        return {index: self._layer_loss(index, *pairs[index]).item() for index in self.layers}
 
 
 def cosine_to_a_tenth(step: int, steps: int) -> float:

@@ -192,9 +192,10 @@ class PackedBlocks(torch.utils.data.Dataset):
     comes in an order shuffled by `seed`; the held-out split (or `all`, every document) in the data's order. Items
     are {input_ids, labels}."""
 
-    def __init__(self, blocks: torch.Tensor, documents: int) -> None:
+    def __init__(self, blocks: torch.Tensor, documents: int, mixed: int = 0) -> None:
         self.blocks = blocks
         self.documents = documents
+        self.mixed = mixed  # of the blocks, how many came from other text (`mix_blocks`)
 
     @classmethod
     def build(cls, spec: DataSpec, tokenizer: Any, split: Split) -> PackedBlocks:
@@ -232,3 +233,21 @@ class PackedBlocks(torch.utils.data.Dataset):
     @property
     def tokens(self) -> int:
         return self.blocks.numel()
+
+
+def mix_blocks(main: PackedBlocks, other: PackedBlocks, share: float) -> PackedBlocks:
+    """The training blocks with `other`'s blocks spread evenly among them, `share` of the result.
+
+    Every main block stays, in its order, and so does every other block: each source's blocks are placed at even
+    intervals of one timeline (block j of n at (j + ½) / n), so any window of steps sees the share, not a run of one
+    source. `other` is cycled if it has fewer blocks than needed. Only training is mixed: the held-out split stays
+    the main data's, so the held-out loss stays comparable with an unmixed run."""
+    if not 0 < share < 1:
+        raise DataError(f"mix share {share}: expected a number between 0 and 1")
+    if main.blocks.shape[1] != other.blocks.shape[1]:
+        raise DataError(f"mixed blocks of {other.blocks.shape[1]} tokens into blocks of {main.blocks.shape[1]}")
+    wanted = max(1, round(len(main) * share / (1 - share)))
+    extra = other.blocks[torch.arange(wanted) % len(other)]
+    times = torch.cat([(torch.arange(len(main)) + 0.5) / len(main), (torch.arange(wanted) + 0.5) / wanted])
+    order = torch.sort(times, stable=True).indices
+    return PackedBlocks(torch.cat([main.blocks, extra])[order], main.documents + other.documents, mixed=wanted)

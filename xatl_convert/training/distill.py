@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from .align import Aligner, cosine_to_a_tenth
 from .callback import LITCallback, LITTrainer
 from .checkpoints import RunCheckpoints
 from .controller import LITController
-from .data import DataSpec, PackedBlocks
+from .data import DataSpec, PackedBlocks, mix_blocks
 from .evaluate import held_out_loss
 from .freeze import freeze_transferred, transferred_parameters
 from .kd import DistillationTrainer
@@ -87,6 +88,8 @@ def distill(
     paths.read(student_folder, "the student folder")
     paths.read(teacher_folder, "the teacher", hub="model")
     paths.read(data, "the --data text", hub="dataset")
+    if settings.mix_data is not None:
+        paths.read(settings.mix_data, "the --mix-data text", hub="dataset")
     paths.write(out, "--out", "folder")
     paths.write(checkpoints, "--checkpoints", "checkpoints")
     paths.check(force)
@@ -114,6 +117,10 @@ def distill(
             vocabularies["the teacher"] = teacher_vocab
         for blocks in (train.blocks, held_out.blocks):
             check_token_ids(blocks, vocabularies, data)
+        if settings.mix_data is not None:  # its own training split, spread through ours
+            mixed = PackedBlocks.build(replace(spec, source=settings.mix_data), tokenizer, "train")
+            check_token_ids(mixed.blocks, vocabularies, settings.mix_data)
+            train = mix_blocks(train, mixed, settings.mix_share)
         student = AutoModelForCausalLM.from_pretrained(student_folder, dtype=torch.float32).to(processes.device)
         # The teacher only runs forward: bf16 on CUDA (half the memory, tensor cores), float32 on the CPU, where the
         # losses are computed in float32 either way.
@@ -192,7 +199,12 @@ class _Run:
             self.log["start"] = {"teacher_loss": teacher.loss, "start_loss": self.evaluate("start", 0)}
         return {
             "teacher": str(teacher_folder),
-            "data": {"source": data, "train_blocks": len(self.train), "held_out_blocks": len(self.held_out)},
+            "data": {
+                "source": data,
+                "train_blocks": len(self.train),
+                "held_out_blocks": len(self.held_out),
+                "mixed_blocks": self.train.mixed,
+            },  # fmt: skip
             "settings": self.settings.model_dump(),
             "xatl_convert_version": xatl_version(),
             **self.log["start"],
@@ -240,7 +252,9 @@ class _Run:
         self.log["curve"] = [p for p in self.log["curve"] if p["stage"] != "align" or p["step"] <= done]
         batch, began = _batches(self.train, settings.batch_size), (self.seconds(), done)
         rank, world = self.processes.process_index, self.processes.num_processes
+        block_steps = round(settings.align_block_share * settings.align_steps)
         for step in range(done, settings.align_steps):
+            aligner.target = "block" if step >= settings.align_steps - block_steps else "mixer"
             share = batch(step).chunk(world)[rank].to(self.processes.device)
             for group in optimizer.param_groups:  # stateless, so a resumed run is on the same schedule
                 group["lr"] = settings.align_lr * cosine_to_a_tenth(step, settings.align_steps)
@@ -254,7 +268,8 @@ class _Run:
             parameter.requires_grad_(True)
         final = rows[-1]["mean"] if rows else None
         return _stage_record("align", settings.align_steps, settings.align_lr, settings, final_mean_loss=final,
-                             lr_schedule="cosine to 0.1 × lr", w_o_trained=settings.align_w_o)  # fmt: skip
+                             lr_schedule="cosine to 0.1 × lr", w_o_trained=settings.align_w_o,
+                             block_steps=block_steps)  # fmt: skip
 
     def _align_points(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """After an align step: the curve's held-out point and the checkpoint, when their step comes. The last step

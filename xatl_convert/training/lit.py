@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 # The paper's two settings: (threshold, patience).
@@ -9,6 +10,11 @@ LIT_PRESETS: dict[str, dict[str, float | int]] = {
     "paper-1pct": {"threshold": 0.01, "patience": 1},
     "paper-0.5pct": {"threshold": 0.005, "patience": 2},
 }
+# `after-N`: unfreeze after exactly N steps, whatever the loss does. On SmolLM2-135M the paper's plateau test never
+# fired within a few hundred steps, so the transferred weights never moved; a fixed step (1 = from the start, at the
+# unfreeze learning rate) is how benchmarks/distill_bench.py measures forgetting against fit.
+FIXED_STEP = re.compile(r"after-([1-9][0-9]*)")
+PRESET_NAMES = (*LIT_PRESETS, "after-N")
 
 
 @dataclass
@@ -23,6 +29,7 @@ class LossImprovementThreshold:
     window: int = 50
     threshold: float = 0.01
     patience: int = 1
+    fixed_step: int | None = None  # fire after exactly this many steps instead of on a plateau
     steps: int = 0
     fired_at: int | None = None
     window_means: list[float] = field(default_factory=list)
@@ -32,9 +39,13 @@ class LossImprovementThreshold:
 
     @classmethod
     def preset(cls, name: str, window: int = 50) -> LossImprovementThreshold:
-        """`paper-1pct` (threshold 0.01, patience 1) or `paper-0.5pct` (threshold 0.005, patience 2)."""
+        """`paper-1pct` (threshold 0.01, patience 1), `paper-0.5pct` (threshold 0.005, patience 2), or `after-N`
+        (fire after step N, N ≥ 1)."""
+        fixed = FIXED_STEP.fullmatch(name)
+        if fixed:
+            return cls(window=window, fixed_step=int(fixed.group(1)))
         if name not in LIT_PRESETS:
-            raise ValueError(f"unknown LIT preset {name!r}; choose from {list(LIT_PRESETS)}")
+            raise ValueError(f"unknown LIT preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
         return cls(window=window, **LIT_PRESETS[name])  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
@@ -45,6 +56,11 @@ class LossImprovementThreshold:
         """Record one step's training loss; True exactly once, at the step that completes the plateau."""
         self.steps += 1
         if self.fired_at is not None:
+            return False
+        if self.fixed_step is not None:
+            if self.steps >= self.fixed_step:
+                self.fired_at = self.steps
+                return True
             return False
         self._sum += float(loss)
         self._count += 1
