@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.plotting import save_figure
 from benchmarks.real_model import WORK, build
+from benchmarks.teacher_text import samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEWS = Path("/usr/share/doc/python3.11/NEWS.gz")
@@ -49,6 +50,8 @@ ARMS = {
     "c": "converted, align only",
     "d": "converted, align then kd + LIT",
     "e": "converted, align then kd + LIT (half each, kd 3e-4)",
+    "f": "converted, align (last half whole blocks) then kd, transferred weights unfrozen at 1e-4 (kd 5e-4)",
+    "g": "as f, with 25% of the training blocks the teacher's own samples",
 }
 
 
@@ -109,14 +112,20 @@ def arm_command(arm: str, student: Path, teacher: Path, text: Path, out: Path, a
     common = ["--teacher", str(teacher), "--data", str(text), "--out", str(out), "--batch-size", "4",
               "--block-size", "256", "--eval-every", str(args.eval_every), "--save-every", str(args.eval_every),
               "--resume", "--seed", str(args.seed)]  # fmt: skip
-    steps, half = args.steps, args.steps // 2
+    steps, half, quarter = args.steps, args.steps // 2, args.steps // 4
+    levers = ["--stage", "all", "--align-block-share", "0.5", "--kd-lr", "5e-4", "--lit-preset", "after-1",
+              "--unfreeze-lr", "1e-4"]  # fmt: skip
     recipe = {
         "a": ["--stage", "ce", "--kd-steps", str(steps), "--kd-lr", "1e-3", "--no-freeze"],
         "b": ["--stage", "ce", "--kd-steps", str(steps), "--kd-lr", "3e-4"],
         "c": ["--stage", "align", "--align-steps", str(steps)],
         "d": ["--stage", "all", "--align-steps", str(steps * 3 // 4), "--kd-steps", str(steps - steps * 3 // 4)],
         "e": ["--stage", "all", "--align-steps", str(half), "--kd-steps", str(steps - half), "--kd-lr", "3e-4"],
-    }[arm]
+        "f": [*levers, "--align-steps", str(quarter), "--kd-steps", str(steps - quarter)],
+        "g": [*levers, "--align-steps", str(quarter), "--kd-steps", str(steps - quarter), "--mix-share", "0.25"],
+    }[arm]  # fmt: skip
+    if arm == "g":
+        recipe += ["--mix-data", str(samples())]
     return [sys.executable, "-m", "xatl_convert.cli", "distill", str(student), *common, *recipe]
 
 
@@ -131,7 +140,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=16)
     parser.add_argument("--student", choices=["mamba2", "mamba"], default="mamba2")
-    parser.add_argument("--seed", type=int, default=0, help="the run's seed (data order is fixed; init and dropout vary)")
+    parser.add_argument("--seed", type=int, default=0, help="the order of the training blocks")
     parser.add_argument("--rerun", action="store_true", help="train finished arms again")
     args = parser.parse_args()
 
@@ -139,10 +148,8 @@ def main() -> int:
     root = WORK / "distill_bench"
     root.mkdir(parents=True, exist_ok=True)
     folders = students(teacher, args.student, root)
-    outputs = {}
     for arm in args.arms:
-        out = root / f"{args.student}-{args.steps}-arm-{arm}{f'-seed{args.seed}' if args.seed else ''}"
-        outputs[arm] = out
+        out = arm_folder(root, args.student, args.steps, arm, args.seed)
         if out.exists() and not args.rerun:
             print(f"arm {arm}: reusing {out}")
             continue
@@ -153,63 +160,121 @@ def main() -> int:
         began = time.perf_counter()
         subprocess.run(arm_command(arm, student, teacher, text, out, args), check=True)
         print(f"arm {arm}: {time.perf_counter() - began:.0f} s", flush=True)
-    report(outputs, args, teacher, other_corpus())
+    report(finished_arms(root, args.steps), args, teacher, other_corpus())
     return 0
 
 
-def report(outputs: dict[str, Path], args: argparse.Namespace, teacher_folder: Path, other: Path) -> None:
-    """Table, CSV and PNG of the finished arms."""
-    curves = {arm: read_curve(out) for arm, out in outputs.items() if (out / "distill_curve.csv").exists()}
-    records = {arm: json.loads((outputs[arm] / "xatl_manifest.json").read_text())["distillation"] for arm in curves}
-    converted = next((r for arm, r in records.items() if arm != "a"), None)
-    teacher = next(iter(records.values()))["teacher_loss"]
-    start = converted["start_loss"] if converted else None
-    rows = []
-    for arm, curve in curves.items():
-        end, elsewhere = curve[-1]["held_out_loss"], other_text_losses(outputs[arm], teacher_folder, other)
-        gap = (start - end) / (start - teacher) if start else None
-        rows.append({"arm": arm, "recipe": ARMS[arm], "tokens": int(curve[-1]["tokens"]),
-                     "start": curve[0]["held_out_loss"], "end": end, "gap_recovered": gap,
-                     "remaining_gap": end - teacher, "train_seconds": curve[-1]["seconds"],
-                     "other_text_loss": elsewhere["model"], "other_text_teacher_loss": elsewhere["teacher"],
-                     "lit_unfrozen_at": [s.get("lit_unfrozen_at") for s in records[arm]["stages"]]})  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    name = f"distill_bench{'' if args.student == 'mamba2' else '_' + args.student}"
-    with (RESULTS / f"{name}.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["arm", "stage", "step", "tokens", "seconds", "held_out_loss"])
-        writer.writeheader()
-        writer.writerows({"arm": arm, **point} for arm, curve in curves.items() for point in curve)
-    summary = {"teacher_loss": teacher, "converted_start": start, "steps": args.steps, "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+def arm_folder(root: Path, student: str, steps: int, arm: str, seed: int) -> Path:
+    return root / f"{student}-{steps}-arm-{arm}{f'-seed{seed}' if seed else ''}"
 
-    print(f"\nteacher held-out loss {teacher:.3f}; converted start {start if start is None else round(start, 3)}")
-    print("| arm | recipe | tokens | start | end | gap recovered | remaining gap | train time | licences (teacher) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        gap = "" if row["gap_recovered"] is None else f"{row['gap_recovered']:.0%}"
-        print(f"| {row['arm']} | {row['recipe']} | {row['tokens']:,} | {row['start']:.2f} | {row['end']:.2f} | "
-              f"{gap} | {row['remaining_gap']:.2f} | {row['train_seconds'] / 60:.1f} min | "
-              f"{row['other_text_loss']:.2f} ({row['other_text_teacher_loss']:.2f}) |")  # fmt: skip
-    if "b" in curves and "d" in curves:
-        tokens = min(curves["b"][-1]["tokens"], curves["d"][-1]["tokens"])
-        at = {arm: next(p["held_out_loss"] for p in curves[arm] if p["tokens"] >= tokens) for arm in "bd"}
-        ratio = (at["d"] - teacher) / (at["b"] - teacher)
-        print(f"at {int(tokens):,} tokens: remaining gap d / b = {ratio:.2f} (target ≤ 0.33)")
+
+def finished_arms(root: Path, steps: int) -> dict[tuple[str, str, int], Path]:
+    """Every finished arm of this token budget, of either student, each seed: {(student, arm, seed): folder}."""
+    found = {}
+    for folder in sorted(root.glob(f"*-{steps}-arm-*")):
+        if not (folder / "xatl_manifest.json").exists():
+            continue
+        student, rest = folder.name.split(f"-{steps}-arm-")
+        arm, _, seed = rest.partition("-seed")
+        found[(student, arm, int(seed or 0))] = folder
+    return found
+
+
+STUDENTS = {"mamba2": "Mamba2", "mamba": "Mamba (v1)"}
+TARGETS = {"of_teacher": 1.20, "other_text_of_teacher": 1.6}  # issue 25's goal
+
+
+def report(outputs: dict[tuple[str, str, int], Path], args: argparse.Namespace, teacher_folder: Path,
+           other: Path) -> None:  # fmt: skip
+    """Table, CSV and PNG of every finished arm (both students, every seed), the seeds' spread and the goal."""
+    curves = {key: read_curve(out) for key, out in outputs.items() if (out / "distill_curve.csv").exists()}
+    if not curves:
+        return
+    records = {key: json.loads((outputs[key] / "xatl_manifest.json").read_text())["distillation"] for key in curves}
+    teacher = next(iter(records.values()))["teacher_loss"]
+    starts = {key[0]: r["start_loss"] for key, r in records.items() if key[1] != "a"}
+    rows = []
+    for (student, arm, seed), curve in curves.items():
+        key = (student, arm, seed)
+        end, elsewhere = curve[-1]["held_out_loss"], other_text_losses(outputs[key], teacher_folder, other)
+        start = starts.get(student)
+        gap = (start - end) / (start - teacher) if start else None
+        rows.append({"arm": arm, "seed": seed, "student": student,
+                     "recipe": f"{ARMS[arm]} ({STUDENTS[student]} student)", "tokens": int(curve[-1]["tokens"]),
+                     "start": curve[0]["held_out_loss"], "end": end, "of_teacher": end / teacher,
+                     "gap_recovered": gap, "remaining_gap": end - teacher, "train_seconds": curve[-1]["seconds"],
+                     "other_text_loss": elsewhere["model"], "other_text_teacher_loss": elsewhere["teacher"],
+                     "other_text_of_teacher": elsewhere["model"] / elsewhere["teacher"],
+                     "lit_unfrozen_at": [s.get("lit_unfrozen_at") for s in records[key]["stages"]]})  # fmt: skip
+    summary_rows = seed_summary(rows)
+    goal = goal_check(summary_rows)
+    RESULTS.mkdir(exist_ok=True)
+    with (RESULTS / "distill_bench.csv").open("w", newline="") as handle:
+        fields = ["student", "arm", "seed", "stage", "step", "tokens", "seconds", "held_out_loss"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({"student": k[0], "arm": k[1], "seed": k[2], **p} for k, c in curves.items() for p in c)
+    summary = {"teacher_loss": teacher, "converted_start": starts, "steps": args.steps, "rows": rows,
+               "arms": summary_rows, "goal": goal}  # fmt: skip
+    (RESULTS / "distill_bench.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    print(f"\nteacher held-out loss {teacher:.3f}; converted start {starts}")
+    print("| arm | recipe | seeds | tokens | end (spread) | × teacher | licences (× teacher) | train time |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in summary_rows:
+        print(f"| {row['arm']} | {row['recipe']} | {row['seeds']} | {row['tokens']:,} | {row['end']:.2f} "
+              f"(±{row['spread'] / 2:.2f}) | {row['of_teacher']:.2f} | {row['other_text_loss']:.2f} "
+              f"({row['other_text_of_teacher']:.2f}) | {row['train_seconds'] / 60:.1f} min |")  # fmt: skip
+    print(json.dumps(goal, indent=1))
 
     def draw(axes) -> None:
-        for arm, curve in curves.items():
+        for (student, arm, seed), curve in curves.items():
+            label = f"{arm}{'' if student == 'mamba2' else ' (Mamba v1)'}{f' seed {seed}' if seed else ''}"
             for ax, x in zip(axes, ("tokens", "seconds"), strict=True):
                 ax.plot([p[x] / (1000 if x == "tokens" else 60) for p in curve], [p["held_out_loss"] for p in curve],
-                        marker=".", label=f"{arm}: {ARMS[arm]}")  # fmt: skip
+                        marker=".", label=label)  # fmt: skip
         for ax, label in zip(axes, ("thousand tokens", "training minutes (2 CPU cores)"), strict=True):
             ax.axhline(teacher, color="grey", ls=":", label="teacher (SmolLM2-135M-Instruct)")
             ax.set_xlabel(label)
             ax.set_ylabel("held-out loss")
             ax.set_ylim(top=min(16, max(p["held_out_loss"] for c in curves.values() for p in c) + 0.5))
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=7)
 
-    save_figure(RESULTS / f"{name}.png", draw, panels=2)
+    save_figure(RESULTS / "distill_bench.png", draw, panels=2)
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """One row per (student, arm): the mean over its seeds and the spread (max − min) of the held-out end."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["student"], row["arm"]), []).append(row)
+    summary = []
+    for (student, arm), runs in grouped.items():
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("end", "of_teacher", "other_text_loss",
+                                                              "other_text_of_teacher", "train_seconds")}  # fmt: skip
+        ends = [r["end"] for r in runs]
+        summary.append({"student": student, "arm": arm, "recipe": runs[0]["recipe"], "seeds": len(runs),
+                        "tokens": runs[0]["tokens"], **mean, "spread": max(ends) - min(ends)})  # fmt: skip
+    return sorted(summary, key=lambda r: (r["student"] != "mamba2", r["arm"]))
+
+
+def goal_check(summary: list[dict]) -> dict:
+    """Issue 25's goal on the best converted pure-LCI arm (by mean held-out end over its seeds)."""
+    converted = [r for r in summary if r["arm"] != "a"]
+    scratch = {r["student"]: r for r in summary if r["arm"] == "a"}
+    if not converted:
+        return {}
+    best = min(converted, key=lambda r: r["end"])
+    paper = [r for r in summary if r["arm"] == "b"]
+    against = scratch.get(best["student"])
+    return {"best_arm": best["arm"], "best_student": best["student"],
+            "of_teacher": best["of_teacher"], "of_teacher_met": best["of_teacher"] <= TARGETS["of_teacher"],
+            "scratch_end": against and against["end"],
+            "beats_scratch": bool(against) and best["end"] <= against["end"],
+            "other_text_of_teacher": best["other_text_of_teacher"],
+            "other_text_met": best["other_text_of_teacher"] <= TARGETS["other_text_of_teacher"],
+            "seeds": {"best": best["seeds"], "paper": paper[0]["seeds"] if paper else 0}}  # fmt: skip
 
 
 if __name__ == "__main__":
