@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .scans_xatl import selective_scan_reference, ssd_chunk_scan_reference
+from .scans_xatl import selective_scan_chunked, ssd_chunk_scan_reference
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ def selective_scan_fn(
     return_last_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Stand-in for mamba-ssm's `selective_scan_fn` (u, delta, z (batch, dim, L); A (dim, n) fp32; B, C (batch, n,
-    L) or (batch, 1, n, L); D, delta_bias (dim,) fp32). Computes with `selective_scan_reference`."""
+    L) or (batch, 1, n, L); D, delta_bias (dim,) fp32). Computes with `selective_scan_chunked` (what
+    `selective_scan_reference` defines)."""
     name = "selective_scan_fn"
     _require(u.dtype in _FLOATS, name, f"u must be fp32, fp16 or bf16, not {u.dtype}")
     _require(A.dtype in (torch.float32, torch.complex64), name, f"A must be fp32 (or complex64), not {A.dtype}")
@@ -234,7 +235,7 @@ def selective_scan_fn(
         _require(delta_bias.stride(-1) == 1 or dim == 1, name, "delta_bias must be contiguous")
     if B.dim() == 4:
         B, C = B[:, 0], C[:, 0]
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def selective_state_update(

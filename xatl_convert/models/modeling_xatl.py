@@ -32,7 +32,7 @@ from .kernels_xatl import (
     outside_kernel_limits,
     reference_path,
 )
-from .scans_xatl import compute_dtype, selective_scan_reference, ssd_chunk_scan_reference
+from .scans_xatl import compute_dtype, selective_scan_chunked, selective_scan_reference, ssd_chunk_scan_reference
 
 # Marks set on nn.Linear modules so that `init_xatl_weights` can initialise each module on its own, in any order.
 _INIT_ROLE = "_xatl_init_role"
@@ -540,7 +540,8 @@ class XatlMamba(nn.Module):
     """Selective SSM mixer with mamba-ssm's Mamba (v1) parameter names and shapes.
 
     Two paths (see `kernels_xatl.kernels_for`): the kernel call path (`_forward_kernels`) where a kernel serves the
-    inputs, else the readable reference path (`selective_scan_reference`).
+    inputs, else the reference path: `selective_scan_chunked`, which computes what the readable
+    `selective_scan_reference` defines, chunk by chunk.
     """
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
@@ -592,7 +593,7 @@ class XatlMamba(nn.Module):
             y = (y * F.silu(z[..., 0].to(ct))).to(x.dtype)[..., None]
             cache.ssm_states[self.layer_idx] = h.to(ssm_state.dtype)
             return self.out_proj(y.transpose(1, 2))
-        y = selective_scan_reference(
+        y = selective_scan_chunked(
             x,
             dt,
             A,
