@@ -6,7 +6,7 @@ machine offline. The teacher's own samples are the text whose distribution the s
 temperature 1 from short, varied openings (plain text, no chat template), one document per opening. Cached in
 benchmarks/.work/smol/distill-text/teacher_samples.txt.
 
-    python -m benchmarks.teacher_text [--documents 192] [--tokens 256]
+    python -m benchmarks.teacher_text [--documents 64] [--tokens 256]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ OPENINGS = (
 )  # fmt: skip
 
 
-def samples(documents: int = 192, tokens: int = 256, batch: int = 32) -> Path:
+def samples(documents: int = 64, tokens: int = 256, batch: int = 32) -> Path:
     """The cached samples file, generated when missing (about a minute per 32 documents on 2 cores)."""
     out = WORK / "distill-text" / "teacher_samples.txt"
     if out.exists():
@@ -62,7 +62,7 @@ def samples(documents: int = 192, tokens: int = 256, batch: int = 32) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--documents", type=int, default=192)
+    parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
     print(samples(args.documents, args.tokens))

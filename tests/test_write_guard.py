@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
 
 # Options whose values are never paths, by metavar; any other string or path option must declare a role.
 NOT_PATHS = {"MIXER", "REV", "SPEC", "KEY=VALUE", "METHOD", "DTYPE", "BYTES", "FORMAT", "STAGE", "SPLIT", "P",
-             "DEVICE", "NAME"}  # fmt: skip
+             "DEVICE", "NAME", "PRESET"}  # fmt: skip
 
 
 def all_commands(group: Any = None, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, click.Command]]:
@@ -113,7 +113,8 @@ INVOCATIONS: dict[str, Invocation] = {
     "verify": lambda w: ["verify", w / "student", "--source", w / "teacher", "--text", w / "text.txt",
                          "--json", "TARGET:--json", "--junit", "TARGET:--junit"],
     "distill": lambda w: ["distill", w / "student", "--teacher", w / "teacher", "--data", w / "corpus",
-                          "--out", "TARGET:--out", "--checkpoints", "TARGET:--checkpoints"],
+                          "--out", "TARGET:--out", "--checkpoints", "TARGET:--checkpoints",
+                          "--teacher-cache", "TARGET:--teacher-cache"],
     "eval": lambda w: ["eval", w / "student", "--data", w / "text.txt", "--teacher", w / "teacher",
                        "--json", "TARGET"],
     "export": lambda w: ["export", w / "student", "--format", "bamba", "--out", "TARGET"],

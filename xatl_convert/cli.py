@@ -686,6 +686,18 @@ def distill_command(
     ] = True,
     temperature: Annotated[float, typer.Option(metavar="T", help="Temperature of the kd loss.")] = 1.0,
     ce_weight: Annotated[float, typer.Option(metavar="W", help="Weight of a next-token loss added in kd.")] = 0.0,
+    teacher_cache: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="kd reads the teacher's top-k log-probabilities from DIR, built there first if missing, instead of "
+            "running the teacher; a DIR built for another teacher, data or top-k is refused.",
+        ),
+        Writes("teacher-cache"),
+    ] = None,
+    teacher_top_k: Annotated[
+        int, typer.Option(metavar="K", help="Tokens per position kept in --teacher-cache (plus one for the rest).")
+    ] = 64,
     align_block_share: Annotated[
         float,
         typer.Option(metavar="S", help="Share of align's last steps that fit whole blocks' outputs (MOHAWK stage 2)."),
@@ -723,6 +735,7 @@ def distill_command(
         kd_lr=kd_lr, unfreeze_lr=unfreeze_lr, freeze=freeze, temperature=temperature, ce_weight=ce_weight,
         eval_every=eval_every, save_every=save_every, seed=seed, align_block_share=align_block_share,
         lit_preset=lit_preset, mix_data=mix_data, mix_share=mix_share,
+        teacher_cache=None if teacher_cache is None else str(teacher_cache), teacher_top_k=teacher_top_k,
     )  # fmt: skip
     if stage not in ("all", "align", "kd", "ce"):
         raise XatlError(f"--stage {stage!r}: expected all, align, kd or ce")

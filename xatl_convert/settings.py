@@ -75,6 +75,10 @@ class DistillSettings(CommandSettings):
     eval_every: Steps = 0  # steps between held-out evaluations for the curve (0: start and end only)
     save_every: Steps = 0  # steps between checkpoints (0: none)
     seed: Seed = 0
+    # Stage kd reads the teacher's top-k log-probabilities from this folder (built first if missing) instead of
+    # running the teacher at every step; see training.teacher_cache.
+    teacher_cache: str | None = None
+    teacher_top_k: Count = 64
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +113,21 @@ class DistillSettings(CommandSettings):
                 "choose a batch that is a multiple of it"
             )
         return self
+
+    @model_validator(mode="after")
+    def _teacher_cache_at_temperature_one(self) -> DistillSettings:
+        if self.teacher_cache is not None and self.temperature != 1:
+            raise ValueError(
+                f"--temperature {self.temperature} with --teacher-cache: the cache holds the teacher's "
+                "log-probabilities at temperature 1 only; leave out one of the two"
+            )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as a run's checkpoints record them: without the teacher-cache options when no cache is used,
+        so that checkpoints written before those options existed still resume."""
+        unused = {"teacher_cache", "teacher_top_k"} if self.teacher_cache is None else set()
+        return self.model_dump(exclude=unused)
 
     def per_process_batch(self, processes: int) -> int:
         """Blocks in one forward of one process; the global batch must split evenly."""

@@ -8,7 +8,8 @@ write target (an output folder, a checkpoint folder, a report file, a new mappin
 - it is never and never contains the current folder or the home folder;
 - a dangling symbolic link is not written through, and a link to an input is not written either;
 - an existing target is replaced only when this tool wrote it: an output folder holds `xatl_manifest.json`, a
-  checkpoint folder `xatl_distill.json`, a report file is an xatl report. A folder output needs `--force` as well,
+  checkpoint folder `xatl_distill.json`, a report file is an xatl report (a teacher cache, which holds
+  `xatl_teacher_cache.json`, is reused or refused by its key, never replaced). A folder output needs `--force` as well,
   and is replaced only once the new one is complete (see `output_folder.staged_output`); a report file is written
   to a temporary file beside it and renamed into place (`write_report_file`).
 A new command gets all of this by declaring its paths; tests/test_write_guard.py walks the Typer app and tries every
@@ -29,8 +30,9 @@ from xatl_convert.errors import OutputExistsError, OutputWriteError, UnsafeOutpu
 
 MANIFEST_NAME = "xatl_manifest.json"  # proves an output folder is xatl's (also manifest.MANIFEST_NAME)
 PROGRESS_NAME = "xatl_distill.json"  # proves a checkpoint folder is xatl's (also training.checkpoints)
+TEACHER_CACHE_NAME = "xatl_teacher_cache.json"  # proves a teacher cache is xatl's (also training.teacher_cache)
 REPORT_KEY = "xatl_report"  # every JSON report xatl writes names its command under this key
-TargetKind = Literal["folder", "checkpoints", "report", "new-file"]
+TargetKind = Literal["folder", "checkpoints", "teacher-cache", "report", "new-file"]
 HubKind = Literal["model", "dataset"]
 
 
@@ -45,8 +47,8 @@ class Reads:
 
 @dataclass(frozen=True)
 class Writes:
-    """Role of a CLI parameter whose path the command writes: an output folder, a checkpoint folder, a report file,
-    or a new file that is never replaced."""
+    """Role of a CLI parameter whose path the command writes: an output folder, a checkpoint folder, a teacher cache,
+    a report file, or a new file that is never replaced."""
 
     kind: TargetKind
     what: str = "the output"
@@ -203,6 +205,12 @@ def _refuse_existing(target: WriteTarget, location: Path, force: bool) -> None:
             return  # resuming, or refusing to start over, is the checkpoint folder's own rule
         raise UnsafeOutputError(
             f"{name}: exists and holds files that are not xatl checkpoints; choose another {target.option}"
+        )
+    if target.kind == "teacher-cache":
+        if _is_empty(location) or (location / TEACHER_CACHE_NAME).is_file():
+            return  # reused if its key matches the run, else refused: the cache's own rule
+        raise UnsafeOutputError(
+            f"{name}: exists and is not an xatl teacher cache (no {TEACHER_CACHE_NAME}); choose another {target.option}"
         )
     if not (_is_empty(location) or is_xatl_folder(location)):
         raise UnsafeOutputError(

@@ -51,6 +51,7 @@ from .freeze import freeze_transferred, transferred_parameters
 from .kd import DistillationTrainer
 from .lit import LossImprovementThreshold
 from .pair import check_student, check_teacher, check_token_ids
+from .teacher_cache import IndexedBlocks, TeacherCache, cache_key, ensure_teacher_cache
 
 Stage = Literal["all", "align", "kd", "ce"]
 STAGES = ("all", "align", "kd", "ce")
@@ -81,6 +82,8 @@ def distill(
     settings = settings or DistillSettings()
     if stage not in STAGES:
         raise SettingsError(f"--stage {stage!r}: expected {', '.join(STAGES)}")
+    if settings.teacher_cache is not None and stage in ("align", "ce"):
+        raise SettingsError(f"--teacher-cache with --stage {stage}: only stage kd reads the teacher; leave it out")
     student_folder, out = Path(student_folder), Path(out)
     if checkpoints is None and (settings.save_every or resume):
         checkpoints = out.parent / f"{out.name}.checkpoints"
@@ -92,6 +95,7 @@ def distill(
         paths.read(settings.mix_data, "the --mix-data text", hub="dataset")
     paths.write(out, "--out", "folder")
     paths.write(checkpoints, "--checkpoints", "checkpoints")
+    paths.write(settings.teacher_cache, "--teacher-cache", "teacher-cache")
     paths.check(force)
     student_facts = check_student(student_folder, settings, stage)
     with resolve_source(teacher_folder) as checkpoint:  # a local folder, a Hub id or an alias, as for convert
@@ -102,7 +106,7 @@ def distill(
     processes = PartialState(cpu=not torch.cuda.is_available())
     settings.per_process_batch(processes.num_processes)
     identity = {"student": str(student_folder.resolve()), "teacher": str(teacher_folder), "data": data,
-                "stage": stage, "settings": settings.model_dump()}  # fmt: skip
+                "stage": stage, "settings": settings.identity()}  # fmt: skip
     saved = RunCheckpoints(Path(checkpoints) if checkpoints else None, identity, resume, processes.is_main_process)
     with saved:  # holds the folder's lock; a failure keeps only what --resume needs, and names a full disk
         processes.wait_for_everyone()  # the main process has checked the checkpoint folder
@@ -127,7 +131,7 @@ def distill(
         teacher_dtype = torch.bfloat16 if processes.device.type == "cuda" else torch.float32
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype, trust_remote_code=False)
         teacher.to(processes.device).eval().requires_grad_(False)
-        run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes)
+        run = _Run(student, teacher, manifest, train, held_out, settings, saved, progress, processes, teacher_path)
         record = run.start_record(teacher_folder, data)
         for name in ("align", "kd") if stage == "all" else (stage,):
             record["stages"].append(saved.stage_done(name) or run.stage(name))
@@ -157,8 +161,11 @@ def check_finite_loss(stage: str, step: int, loss: float) -> None:
 class _Run:
     """One distillation run's models, data, clock and logs; each stage is a method."""
 
-    def __init__(self, student, teacher, manifest, train, held_out, settings, saved, progress, processes) -> None:
+    def __init__(
+        self, student, teacher, manifest, train, held_out, settings, saved, progress, processes, teacher_path=None
+    ) -> None:
         self.student, self.teacher, self.manifest = student, teacher, manifest
+        self.teacher_path = teacher_path  # the resolved teacher folder, which a teacher cache is keyed by
         self.train, self.held_out, self.settings = train, held_out, settings
         self.saved, self.report, self.processes = saved, progress, processes
         self.log = saved.progress  # logs, curve and seconds: kept in the checkpoint, so a resume continues them
@@ -204,7 +211,7 @@ class _Run:
                 "train_blocks": len(self.train),
                 "held_out_blocks": len(self.held_out),
                 "mixed_blocks": self.train.mixed,
-            },  # fmt: skip
+            },
             "settings": self.settings.model_dump(),
             "xatl_convert_version": xatl_version(),
             **self.log["start"],
@@ -308,9 +315,14 @@ class _Run:
         callbacks.append(_StageCallback(self, stage, key, began=(self.seconds(), done)))
         extra: dict[str, Any] = {}
         trainer_class: Any = LITTrainer
+        cached = None
         if stage == "kd":
             trainer_class = DistillationTrainer
-            extra = {"teacher": self.teacher, "temperature": settings.temperature, "ce_weight": settings.ce_weight}
+            extra = {"temperature": settings.temperature, "ce_weight": settings.ce_weight}
+            if settings.teacher_cache is None:
+                extra["teacher"] = self.teacher
+            else:
+                dataset, extra["teacher_cache"], cached = self.cached_teacher(skip)
         with _trainer_folder(self.saved.trainer_folder(stage)) as output_dir:
             arguments = TrainingArguments(
                 output_dir=str(output_dir), max_steps=settings.kd_steps,
@@ -322,6 +334,7 @@ class _Run:
                 ddp_find_unused_parameters=False,  # every trainable parameter is used; frozen ones are not in DDP
                 save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
                 save_total_limit=2,
+                remove_unused_columns=False,  # compute_loss takes what it needs; a cache's block_index must reach it
             )  # fmt: skip
             trainer = trainer_class(model=student, args=arguments, train_dataset=dataset, callbacks=callbacks, **extra)
             trainer.remove_callback(PrinterCallback)  # our progress and CSV log say it; no dicts on stdout
@@ -333,7 +346,38 @@ class _Run:
                                lit_unfrozen_at=None if lit is None else lit.unfrozen_at)  # fmt: skip
         if stage == "kd":
             record.update(temperature=settings.temperature, ce_weight=settings.ce_weight)
+        if cached is not None:
+            record["teacher_cache"] = cached
         return record
+
+    def cached_teacher(self, skip: int) -> tuple[IndexedBlocks, TeacherCache, dict[str, Any]]:
+        """kd's blocks and the teacher cache over them, built first unless it is there (by the main process, off the
+        training clock). With a cache, kd trains on the kd_steps × batch_size blocks after align's, each once (all of
+        them, cycled, when there are fewer), so that the blocks the cache needs are known before kd starts."""
+        settings, count = self.settings, len(self.train)
+        used = min(count, settings.kd_steps * settings.batch_size)
+        blocks = self.train.blocks[[(skip + i) % count for i in range(used)]]
+        assert settings.teacher_cache is not None and self.teacher_path is not None
+        key = cache_key(self.teacher_path, blocks, settings.held_out, settings.teacher_top_k)
+        report = self.report
+
+        def progress(done: int, total: int) -> None:
+            if report is not None:
+                report("teacher cache", done, total, {})
+
+        began, built = time.perf_counter(), False
+        with self._paused():
+            if self.processes.is_main_process:
+                micro = settings.per_process_batch(self.processes.num_processes)
+                built = ensure_teacher_cache(
+                    settings.teacher_cache, self.teacher, key, blocks, micro, progress=progress
+                )
+            self.processes.wait_for_everyone()
+        seconds = round(time.perf_counter() - began, 3) if built else 0.0
+        record = {"path": str(Path(settings.teacher_cache).resolve()), "top_k": settings.teacher_top_k, "blocks": used,
+                  "built": built, "build_seconds": seconds, "loss": "top-k KL with a rest bucket",
+                  "log_probs": "float16"}  # fmt: skip
+        return IndexedBlocks(blocks), TeacherCache(settings.teacher_cache, key), record
 
 
 class _StageCallback(TrainerCallback):
