@@ -75,7 +75,7 @@ def other_corpus() -> Path:
 
 def other_text_losses(out: Path, teacher: Path, text: Path) -> dict[str, float]:
     """The arm's final model (and the teacher) scored by `xatl eval --split all` on the other text; cached."""
-    cached = out / "eval_other_text.json"
+    cached = out.with_name(f"{out.name}.eval_other_text.json")  # beside it: eval never writes into a model folder
     if not cached.exists():
         command = [sys.executable, "-m", "xatl_convert.cli", "eval", str(out), "--data", str(text), "--teacher",
                    str(teacher), "--split", "all", "--json", str(cached)]  # fmt: skip
