@@ -206,14 +206,17 @@ def report(outputs: dict[tuple[str, str, int], Path], args: argparse.Namespace, 
                      "other_text_loss": elsewhere["model"], "other_text_teacher_loss": elsewhere["teacher"],
                      "other_text_of_teacher": elsewhere["model"] / elsewhere["teacher"],
                      "lit_unfrozen_at": [s.get("lit_unfrozen_at") for s in records[key]["stages"]]})  # fmt: skip
+    rows += earlier_rows({(r["student"], r["arm"], r["seed"]) for r in rows})
     summary_rows = seed_summary(rows)
     goal = goal_check(summary_rows)
     RESULTS.mkdir(exist_ok=True)
+    earlier = earlier_curves(set(curves))  # read before the file is rewritten
     with (RESULTS / "distill_bench.csv").open("w", newline="") as handle:
         fields = ["student", "arm", "seed", "stage", "step", "tokens", "seconds", "held_out_loss"]
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows({"student": k[0], "arm": k[1], "seed": k[2], **p} for k, c in curves.items() for p in c)
+        writer.writerows(earlier)
     summary = {"teacher_loss": teacher, "converted_start": starts, "steps": args.steps, "rows": rows,
                "arms": summary_rows, "goal": goal}  # fmt: skip
     (RESULTS / "distill_bench.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -242,6 +245,32 @@ def report(outputs: dict[tuple[str, str, int], Path], args: argparse.Namespace, 
         axes[0].legend(fontsize=7)
 
     save_figure(RESULTS / "distill_bench.png", draw, panels=2)
+
+
+def earlier_rows(present: set[tuple[str, str, int]]) -> list[dict]:
+    """Rows of the last report for arms whose folders are gone (an earlier round's), marked as such: their numbers
+    stay comparable (same commands, same blocks) and a table without them would lose the baseline."""
+    path = RESULTS / "distill_bench.json"
+    if not path.exists():
+        return []
+    kept = []
+    for row in json.loads(path.read_text())["rows"]:
+        row = {"student": "mamba2", "seed": 0, **row}
+        if (row["student"], row["arm"], row["seed"]) not in present:
+            row.setdefault("of_teacher", row["end"] / (row["end"] - row["remaining_gap"]))
+            row.setdefault("other_text_of_teacher", row["other_text_loss"] / row["other_text_teacher_loss"])
+            kept.append({**row, "earlier_run": True})
+    return kept
+
+
+def earlier_curves(present: set[tuple[str, str, int]]) -> list[dict]:
+    """The curves of `earlier_rows`' arms, from the last CSV."""
+    path = RESULTS / "distill_bench.csv"
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        rows = [{"student": "mamba2", "seed": 0, **row} for row in csv.DictReader(handle)]
+    return [row for row in rows if (row["student"], row["arm"], int(row["seed"])) not in present]
 
 
 def seed_summary(rows: list[dict]) -> list[dict]:
