@@ -296,10 +296,11 @@ def goal_check(summary: list[dict]) -> dict:
         return {}
     best = min(converted, key=lambda r: r["end"])
     paper = [r for r in summary if r["arm"] == "b"]
-    against = scratch.get(best["student"])
+    # The same architecture from scratch when it was run, else the Mamba2 one (named in `scratch_student`).
+    against = scratch.get(best["student"]) or scratch.get("mamba2")
     return {"best_arm": best["arm"], "best_student": best["student"],
             "of_teacher": best["of_teacher"], "of_teacher_met": best["of_teacher"] <= TARGETS["of_teacher"],
-            "scratch_end": against and against["end"],
+            "scratch_end": against and against["end"], "scratch_student": against and against["student"],
             "beats_scratch": bool(against) and best["end"] <= against["end"],
             "other_text_of_teacher": best["other_text_of_teacher"],
             "other_text_met": best["other_text_of_teacher"] <= TARGETS["other_text_of_teacher"],
