@@ -19,7 +19,7 @@ from tests.bad_input import error_line, invoke, leftovers, tree_digest
 from tests.conftest import REPO_ROOT
 from xatl_convert.conversion import parse_overrides, plan_conversion
 from xatl_convert.mapping import Mapping
-from xatl_convert.mapping.schema import CONFIG_KEYS, Mamba2Settings, MambaSettings, TargetConfig
+from xatl_convert.mapping.schema import CONFIG_KEYS, MIXER_SETTINGS, MIXERS, Mamba2Settings, MambaSettings, TargetConfig
 from xatl_convert.models import MAMBA2_DEFAULTS, MAMBA_DEFAULTS, XatlConfig
 
 NEOX_MAPPING = REPO_ROOT / "mappings" / "gpt-neox.yaml"
@@ -329,14 +329,17 @@ def test_declared_keys_and_defaults_are_the_config_class_own() -> None:
     parameters = inspect.signature(XatlConfig.__init__).parameters
     own = {name: parameter.default for name, parameter in parameters.items() if name not in ("self", "kwargs")}
     own.pop("layer_types")
+    own.update(dict.fromkeys(MIXERS))  # each registered mixer's settings group, given as a keyword (None: defaults)
     assert _defaults(TargetConfig) == own and set(CONFIG_KEYS) == set(own)
     assert _defaults(MambaSettings) == MAMBA_DEFAULTS and _defaults(Mamba2Settings) == MAMBA2_DEFAULTS
+    for name, model in MIXER_SETTINGS.items():  # one settings model per registered mixer, with its defaults
+        assert _defaults(model) == MIXERS[name].defaults
 
 
 def test_json_schema_forbids_unknown_config_keys() -> None:
     schema = Mapping.model_json_schema()
     assert schema["$defs"]["TargetSpec"]["properties"]["config"]["$ref"] == "#/$defs/TargetConfig"
-    for model in ("TargetConfig", "MambaSettings", "Mamba2Settings"):
+    for model in ("TargetConfig", "MambaSettings", "Mamba2Settings", "GatedDeltanetSettings"):
         assert schema["$defs"][model]["additionalProperties"] is False
     assert schema["$defs"]["TargetConfig"]["properties"]["hidden_size"]["default"] == 768
 
@@ -350,7 +353,7 @@ def _doc_table(marker: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("marker", "model"),
-    [("target-config-keys", TargetConfig), ("mamba-keys", MambaSettings), ("mamba2-keys", Mamba2Settings)],
+    [("target-config-keys", TargetConfig), *((f"{name}-keys", model) for name, model in MIXER_SETTINGS.items())],
 )
 def test_docs_table_lists_every_key_with_its_default(marker: str, model: type) -> None:
     table = _doc_table(marker)

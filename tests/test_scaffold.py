@@ -59,7 +59,9 @@ def test_scaffold_of_a_known_family_validates_and_transfers_what_the_builtin_doe
     result = invoke("mappings", "new", "--source", source, "--to", mixer, "--out", out)
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(out.read_text())
-    assert data["name"] == f"my-{family}-to-{mixer}"  # not the built-in's name, which --dry-run would show
+    assert (
+        data["name"] == f"my-{family}-to-{mixer.replace('_', '-')}"
+    )  # not the built-in's name, which --dry-run would show
     assert data["target"]["mixer"] == mixer
     other = next(name for name in LCI_MIXERS if name != mixer)
     assert mixer in data["target"]["config"] and other not in data["target"]["config"]
@@ -120,4 +122,4 @@ def test_scaffold_of_a_family_it_knows_in_part_marks_each_gap_and_validation_nam
 
 def test_scaffold_refuses_an_unknown_mixer() -> None:
     line = error_line(invoke("mappings", "new", "--source", EXAMPLE_CHECKPOINT, "--to", "mamba3"))
-    assert line == "error: --to 'mamba3': unknown target (known: mamba, mamba2)"
+    assert line == "error: --to 'mamba3': unknown target (known: mamba, mamba2, gated-deltanet)"

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
 from xatl_convert.errors import XatlError, first_line
 from xatl_convert.export_formats import export_formats_help
 from xatl_convert.interrupts import Interrupted, sigterm_as_interrupt
-from xatl_convert.mapping.layers import AUTO_HELP, LCI_MIXERS, PRESETS
+from xatl_convert.mapping.layers import AUTO_HELP, LCI_MIXERS, PRESETS, mixer_named, mixer_spelling
 from xatl_convert.write_guard import CommandPaths, Reads, Writes, write_new_file, write_report_file
 
 PIPED_WIDTH = 200  # tables written to a file or CI log are not squeezed to 80 columns
@@ -240,7 +240,14 @@ _GGUF_TYPE_HELP = (
 
 
 # Options that several commands declare alike (convert, select-layers, mappings new).
-MixerOption = Annotated[str, typer.Option(metavar="MIXER", help=f"Target LCI mixer: {', '.join(LCI_MIXERS)}.")]
+MixerOption = Annotated[
+    str,
+    typer.Option(
+        metavar="MIXER",
+        help=f"Target LCI mixer: {', '.join(mixer_spelling(m) for m in LCI_MIXERS)}.",
+        callback=lambda value: mixer_named(value) if isinstance(value, str) else value,
+    ),
+]
 RevisionOption = Annotated[
     str | None, typer.Option(metavar="REV", help="Hub revision: branch, tag or commit (same as SRC@REV).")
 ]

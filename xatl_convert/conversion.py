@@ -11,7 +11,7 @@ import torch
 from xatl_convert.errors import PlanError, UnsupportedModelError, XatlError
 from xatl_convert.layer_selection import LayerSelection
 from xatl_convert.mapping import Mapping, builtin_mappings, load_mapping
-from xatl_convert.mapping.layers import LCI_MIXERS, layer_selected
+from xatl_convert.mapping.layers import LCI_MIXERS, layer_selected, mixer_named, mixer_spelling
 from xatl_convert.output_folder import ensure_writable
 from xatl_convert.plan import ConversionPlan, build_plan
 from xatl_convert.sources import SourceCheckpoint, resolve_source
@@ -24,6 +24,7 @@ TARGETS = LCI_MIXERS
 def select_mapping(source: SourceCheckpoint, target: str = "mamba", mapping: str | Path | None = None) -> Mapping:
     """The user's mapping if given, else the built-in mapping for this source model_type and target mixer. A mapping
     that serves several mixers is taken for `target`; one that serves a single mixer always produces that one."""
+    target = mixer_named(target)
     if mapping is not None:
         chosen = load_mapping(mapping)
         if len(chosen.target.mixers) == 1:
@@ -108,8 +109,9 @@ def plan_conversion(
 ) -> ConversionPlan:
     """Resolve the source and build the plan; nothing is written. `attn_layers` may be a `LayerSelection`
     (`layer_selection.select.select_layers`): its layers are kept, and the plan carries its record."""
+    to = mixer_named(to)
     if to not in TARGETS:
-        raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(TARGETS)})")
+        raise PlanError(f"--to {to!r}: unknown target (known: {', '.join(mixer_spelling(t) for t in TARGETS)})")
     checkpoint = source if isinstance(source, SourceCheckpoint) else resolve_source(source, revision, cache_dir)
     chosen = select_mapping(checkpoint, to, mapping)
     fills = [rule for rule in chosen.rules if rule.when == "attention_init"]

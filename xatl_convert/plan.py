@@ -25,21 +25,19 @@ from xatl_convert.mapping.loader import describe_bound_error, locate
 from xatl_convert.mapping.schema import (
     CONFIG_KEYS,
     LAYER_PATTERN,
+    MIXER_SETTINGS,
     InitRule,
-    Mamba2Settings,
-    MambaSettings,
     Mapping,
     TargetConfig,
     TensorRule,
 )
 from xatl_convert.models import XatlConfig, XatlForCausalLM
 from xatl_convert.models.configuration_xatl import XatlConfigError, check_config_values
-from xatl_convert.models.parts import mixer_parts
+from xatl_convert.models.mixers_xatl import MIXERS
 from xatl_convert.sources.checkpoint import SourceCheckpoint
 from xatl_convert.transforms import TransformChain, TransformShapeError, parse_transform
 
 Status = Literal["transferred", "initialised"]
-MIXER_SETTINGS = {"mamba": MambaSettings, "mamba2": Mamba2Settings}  # the config keys that group settings
 
 
 @dataclass(frozen=True)
@@ -224,22 +222,27 @@ def _target_config(
         num_layers = values.get("num_hidden_layers", TargetConfig.model_fields["num_hidden_layers"].default)
         kept = _kept_layers(mapping, attention_layers, num_layers)
         kinds = layer_types(kept, num_layers, mapping.target.mixer)
-        return XatlConfig(**_with_mamba2_norm_eps(values), layer_types=kinds), kept
+        return XatlConfig(**_with_followed_settings(values), layer_types=kinds), kept
     except XatlConfigError as error:
         raise _config_error(error, mapping, overrides) from None
     except (TypeError, ValueError) as error:  # transformers' own validation
         raise PlanError(f"{mapping.file}: target config is invalid: {error}") from None
 
 
-def _with_mamba2_norm_eps(values: dict[str, Any]) -> dict[str, Any]:
-    """The values, with `mamba2.norm_eps` the model's norm_eps unless the mapping or `--set` gives it: the gated norm
-    is new, so its eps is ours to choose, and the source's is the one that formats sharing one eps (Bamba,
-    GraniteMoeHybrid) hold. XatlConfig's own default (1e-5) stays for folders written before the key."""
-    mamba2 = values.get("mamba2") or {}
-    if "norm_eps" in mamba2:
-        return values
-    eps = values.get("norm_eps", TargetConfig.model_fields["norm_eps"].default)
-    return {**values, "mamba2": {**mamba2, "norm_eps": eps}}
+def _with_followed_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The values, with each mixer setting that follows a model-level key (the registry's `follows`: the gated
+    norms' eps follow norm_eps) given that key's value unless the mapping or `--set` gives it: a new mixer's norm is
+    ours to choose, and the source's eps is the one that formats sharing one eps (Bamba, GraniteMoeHybrid,
+    Qwen3-Next) hold. The registry's own default (1e-5) stays for folders written before the key."""
+    values = dict(values)
+    for name, spec in MIXERS.items():
+        group = dict(values.get(name) or {})
+        for key, setting in spec.settings.items():
+            if setting.follows is not None and key not in group:
+                followed = values.get(setting.follows, TargetConfig.model_fields[setting.follows].default)
+                group[key] = followed
+        values[name] = group
+    return values
 
 
 def _kept_layers(mapping: Mapping, attention_layers: str | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -500,9 +503,10 @@ class _Planner:
         )
 
     def _part_rows(self, rule: TensorRule, target: str) -> tuple[int, int]:
-        """Rows of the named part of a fused mixer tensor (models/parts.py), or a PlanError naming the choices."""
+        """Rows of the named part of a fused mixer tensor (the registry's `parts`), or a PlanError naming them."""
         match = re.fullmatch(r"model\.layers\.(\d+)\.mixer\.(.+)", target)
-        parts = mixer_parts(self.layer_types[int(match.group(1))], self.config) if match else {}
+        spec = MIXERS.get(self.layer_types[int(match.group(1))]) if match else None
+        parts = spec.parts(getattr(self.config, spec.name), self.config.mixer_sizes) if spec else {}
         blocks = parts.get(match.group(2), {}) if match else {}
         if rule.part not in blocks:
             known = ", ".join(blocks) or "none"

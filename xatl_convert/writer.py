@@ -46,7 +46,9 @@ SINGLE_SHARD_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-MODELING_FILES = ("configuration_xatl.py", "kernels_xatl.py", "modeling_xatl.py", "scans_xatl.py")
+# Every file of the model family (`models/*_xatl.py`: config, registry, modeling, kernels, scans), so a new mixer's
+# file ships in converted folders without a change here.
+MODELING_FILES = tuple(sorted(path.name for path in (Path(__file__).parent / "models").glob("*_xatl.py")))
 AUTO_MAP = {
     "AutoConfig": "configuration_xatl.XatlConfig",
     "AutoModel": "modeling_xatl.XatlModel",

@@ -59,9 +59,7 @@ def refusals(config: dict[str, Any]) -> list[str]:
     kinds = set(config["layer_types"])
     where = "llama.cpp's granitehybrid"
     reasons = []
-    if "mamba" in kinds:
-        reasons.append(f"it has Mamba (v1) layers; {where} holds Mamba2 and attention only (convert --to mamba2)")
-    elif "mamba2" not in kinds:
+    if "mamba2" not in kinds:
         reasons.append("it has no Mamba2 layer; llama.cpp's own convert_hf_to_gguf.py converts the source itself")
     expected = {**_GENERAL, **(_ATTENTION if "attention" in kinds else {})}
     for key, value in expected.items():

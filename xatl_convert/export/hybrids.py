@@ -28,8 +28,6 @@ def hybrid_refusals(config: dict[str, Any], name: str, expected: dict[str, Any])
     of a mixer kind the model has no layer of are not reasons."""
     reasons = []
     kinds = set(config["layer_types"])
-    if "mamba" in kinds:
-        reasons.append(f"it has Mamba (v1) layers; {name} holds Mamba2 and attention only (convert --to mamba2)")
     for key, value in {**LLAMA_SKELETON, **expected}.items():
         if config.get(key, value) != value:
             reasons.append(f"{key} is {config.get(key)!r}; {name} needs {value!r}")

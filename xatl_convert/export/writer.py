@@ -13,14 +13,17 @@ from typing import Any
 import torch
 
 from xatl_convert.errors import OutputError, SourceError, XatlError
-from xatl_convert.export import bamba, gguf, granitemoehybrid, mamba_ssm
+from xatl_convert.export import bamba, gguf, granitemoehybrid, mamba_ssm, qwen3_next
+from xatl_convert.models.mixers_xatl import formats_refusing
 from xatl_convert.sources.checkpoint import TOKENIZER_FILES, SourceCheckpoint, open_written_weights
 
 # Each format module: NAME, LOADS_WITH, refusals(config) -> [reason], target_config(config),
 # tensors(name, value, config), and optionally fuse(state, config) with WEIGHTS_FILE (tensors that several xatl
 # tensors make, all in one file; otherwise the export keeps the xatl folder's safetensors shards). gguf writes one
 # file of its own (`_export_gguf`).
-FORMATS: dict[str, ModuleType] = {module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm, gguf)}
+FORMATS: dict[str, ModuleType] = {
+    module.NAME: module for module in (granitemoehybrid, bamba, mamba_ssm, gguf, qwen3_next)
+}
 _CARRIED = (*TOKENIZER_FILES, "README.md")  # what a conversion copies from its source, and the card
 
 
@@ -36,7 +39,9 @@ def check_format(format: str, config: dict[str, Any], where: str | Path) -> Modu
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: unknown (known: {', '.join(FORMATS)})")
     module = FORMATS[format]
-    reasons = module.refusals(config)
+    # The registry's allow-list first (a mixer that no entry says this format holds is refused), then the format's
+    # own rules for the mixers it holds.
+    reasons = formats_refusing(config["layer_types"], format) + module.refusals(config)
     if reasons:
         raise ExportError(f"{where}: cannot be exported as {format} without changing what it computes: "
                           + "; ".join(reasons))  # fmt: skip

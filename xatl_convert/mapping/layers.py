@@ -15,7 +15,23 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-LCI_MIXERS: tuple[str, ...] = ("mamba", "mamba2")  # the mixers a converted layer can get
+from xatl_convert.mapping.schema import MIXERS
+
+LCI_MIXERS: tuple[str, ...] = tuple(MIXERS)  # the mixers a converted layer can get: the registry's
+
+
+def mixer_named(text: str) -> str:
+    """The layer type that `--to` names: `gated-deltanet` as the CLI spells it is `gated_deltanet` (the layer
+    type); an unknown name is returned as given, for the caller to refuse with the known ones."""
+    spelled = text.replace("-", "_")
+    return spelled if spelled in LCI_MIXERS else text
+
+
+def mixer_spelling(mixer: str) -> str:
+    """How a mixer is spelt in names and on the command line: `gated-deltanet`."""
+    return mixer.replace("_", "-")
+
+
 LCI = "lci"  # a rule's `where: lci` selects every layer that gets an LCI mixer, whichever it is
 
 

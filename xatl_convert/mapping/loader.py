@@ -177,7 +177,8 @@ def builtin_mappings() -> dict[str, Path]:
     for path in sorted(builtin_mapping_dir().glob("*.yaml")):
         found = FAMILY_MIXERS.search(path.read_text(encoding="utf-8"))
         mixers = [item.strip() for item in found.group(1).split(",")] if found else []
-        names.update({f"{path.stem}-to-{mixer}": path for mixer in mixers} if mixers else {path.stem: path})
+        named = {f"{path.stem}-to-{mixer.replace('_', '-')}": path for mixer in mixers}  # gated_deltanet: -deltanet
+        names.update(named if mixers else {path.stem: path})
     return dict(sorted(names.items()))
 
 
@@ -190,7 +191,7 @@ def load_mapping(reference: str | Path) -> Mapping:
             mapping = parse_mapping(_read_text(known[str(reference)]), str(known[str(reference)]))
             prefix = f"{known[str(reference)].stem}-to-"
             if str(reference).startswith(prefix):
-                return mapping.for_mixer(str(reference).removeprefix(prefix))
+                return mapping.for_mixer(str(reference).removeprefix(prefix).replace("-", "_"))
             return mapping
         else:
             near = difflib.get_close_matches(str(reference), known, n=1)

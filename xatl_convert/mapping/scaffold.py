@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xatl_convert.errors import PlanError
-from xatl_convert.mapping.layers import LCI_MIXERS
+from xatl_convert.mapping.layers import LCI_MIXERS, mixer_named, mixer_spelling
 from xatl_convert.sources.checkpoint import SourceCheckpoint
 from xatl_convert.sources.inventory import build_inventory
 
@@ -87,8 +87,11 @@ class _Found:
 
 def scaffold_mapping(source: SourceCheckpoint, target_mixer: str = "mamba") -> str:
     """YAML text of a starting mapping for this source; every guess carries a comment, every gap a TODO."""
+    target_mixer = mixer_named(target_mixer)
     if target_mixer not in LCI_MIXERS:
-        raise PlanError(f"--to {target_mixer!r}: unknown target (known: {', '.join(LCI_MIXERS)})")
+        raise PlanError(
+            f"--to {target_mixer!r}: unknown target (known: {', '.join(mixer_spelling(m) for m in LCI_MIXERS)})"
+        )
     from xatl_convert.plan import normalised_source_config
 
     inventory = build_inventory(source)
@@ -102,7 +105,7 @@ def scaffold_mapping(source: SourceCheckpoint, target_mixer: str = "mamba") -> s
         f"# Scaffolded by `xatl mappings new` from {source.reference} ({len(source.tensors)} tensors).",
         "# Values read from the source's config and tensors say so in a comment. Replace every TODO (validation",
         "# refuses them), check every guess, then run: xatl mappings validate THIS_FILE --source SRC",
-        f"name: my-{family}-to-{target_mixer}",
+        f"name: my-{family}-to-{mixer_spelling(target_mixer)}",
         f"description: {json.dumps(f'{family} to {target_mixer}, scaffolded by xatl mappings new')}",
         f"source: {{model_type: {json.dumps(inventory.model_type or TODO)}}}",
         "target:",

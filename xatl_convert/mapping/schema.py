@@ -6,15 +6,43 @@ evaluated, which is what the planner uses.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from xatl_convert.mapping.expressions import substitute
 from xatl_convert.transforms import TransformChain, parse_transform
 
-LayerType = Literal["attention", "mamba", "mamba2", "lci"]  # lci: every layer with an LCI mixer
-Mixer = Literal["mamba", "mamba2"]
+
+def _mixer_registry() -> ModuleType:
+    """`xatl_convert.models.mixers_xatl` (stdlib only) without importing its package, whose `__init__` imports
+    transformers and torch: loaded from its file under its own name, so a later package import finds this one."""
+    name = "xatl_convert.models.mixers_xatl"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "models" / "mixers_xatl.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+MIXERS = _mixer_registry().MIXERS
+LayerType = Literal[("attention", *MIXERS, "lci")]  # type: ignore[valid-type]  # lci: every layer with an LCI mixer
+Mixer = Literal[tuple(MIXERS)]  # type: ignore[valid-type]
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
 InitStrategy = Literal["default", "zeros", "ones", "copy"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
@@ -172,42 +200,24 @@ def _key(kind: str, default: Any, meaning: str) -> Any:
     return Field(default=default, description=meaning, json_schema_extra=schema)
 
 
-class MambaSettings(_Strict):
-    """`target.config.mamba`: mamba-ssm's Mamba (v1) mixer arguments; each one left out keeps its default."""
-
-    d_state: Any = _key("int", 16, "SSM state size per channel (N)")
-    d_conv: Any = _key("int", 4, "width of the causal depthwise convolution")
-    expand: Any = _key("int", 2, "d_inner = expand * hidden_size (1 lets W_O fill out_proj)")
-    dt_rank: Any = _key("dt_rank", "auto", "rank of the dt projection; auto = ceil(hidden_size / 16)")
-    dt_min: Any = _key("number", 0.001, "smallest initial step size dt")
-    dt_max: Any = _key("number", 0.1, "largest initial step size dt (at least dt_min)")
-    dt_init_floor: Any = _key("number", 1e-4, "floor of the initial dt")
-    dt_scale: Any = _key("number", 1.0, "scale of the dt projection's initial weights")
-    conv_bias: Any = _key("bool", True, "the convolution has a bias")
-    proj_bias: Any = _key("bool", False, "in_proj has a bias")
-    out_proj_bias: Any = _key("bool", False, "out_proj has a bias (true to hold the attention output's bias)")
+_SCHEMA_KINDS = {"state": "int"}  # registry kinds that the JSON schema spells as another
 
 
-class Mamba2Settings(_Strict):
-    """`target.config.mamba2`: mamba-ssm's Mamba2 (SSD) mixer arguments; each one left out keeps its default."""
+def _mixer_settings_model(spec: Any) -> type[_Strict]:
+    """`target.config.<mixer>`: the registry entry's settings as a strict model; each one left out keeps its
+    default."""
+    fields = {
+        key: (Any, _key(_SCHEMA_KINDS.get(setting.kind, setting.kind), setting.default, setting.meaning))
+        for key, setting in spec.settings.items()
+    }
+    model_name = "".join(part.capitalize() for part in spec.name.split("_")) + "Settings"
+    doc = f"`target.config.{spec.name}`: the {spec.title} mixer's settings; each one left out keeps its default."
+    return create_model(model_name, __base__=_Strict, __doc__=doc, **fields)
 
-    d_state: Any = _key("int", 128, "SSM state size per group (N)")
-    d_conv: Any = _key("int", 4, "width of the causal depthwise convolution")
-    expand: Any = _key("int", 2, "d_inner = expand * hidden_size, which headdim and ngroups must divide")
-    headdim: Any = _key("int", 64, "channels per SSM head (nheads = d_inner / headdim)")
-    ngroups: Any = _key("int", 1, "groups sharing B and C; must divide nheads")
-    chunk_size: Any = _key("int", 256, "chunk length of the SSD scan")
-    A_init_range: Any = _key("range", [1, 16], "[low, high] of the initial A, 0 < low <= high")
-    dt_min: Any = _key("number", 0.001, "smallest initial step size dt")
-    dt_max: Any = _key("number", 0.1, "largest initial step size dt (at least dt_min)")
-    dt_init_floor: Any = _key("number", 1e-4, "floor of the initial dt")
-    conv_bias: Any = _key("bool", True, "the convolution has a bias")
-    proj_bias: Any = _key("bool", False, "in_proj has a bias")
-    out_proj_bias: Any = _key("bool", False, "out_proj has a bias (true to hold the attention output's bias)")
-    norm_before_gate: Any = _key("bool", False, "normalise before the z gate rather than after")
-    norm_eps: Any = _key(
-        "number", 1e-5, "epsilon of the gated RMSNorm; a conversion sets the source's norm eps (1e-5: older folders)"
-    )
+
+# One settings model per registered mixer: MambaSettings, Mamba2Settings, GatedDeltanetSettings, ...
+MIXER_SETTINGS: dict[str, type[_Strict]] = {name: _mixer_settings_model(spec) for name, spec in MIXERS.items()}
+MambaSettings, Mamba2Settings = MIXER_SETTINGS["mamba"], MIXER_SETTINGS["mamba2"]
 
 
 def _derived_layer_types(value: Any) -> Any:
@@ -262,8 +272,6 @@ class TargetConfig(_Strict):
     )
     rope_scaling: Any = _key("dict?", None, "legacy alias of rope_parameters")
     max_position_embeddings: Any = _key("int", 2048, "longest sequence the attention layers accept")
-    mamba: MambaSettings | None = Field(default=None, description="Mamba (v1) mixer settings")
-    mamba2: Mamba2Settings | None = Field(default=None, description="Mamba2 mixer settings")
     tie_word_embeddings: Any = _key("bool", False, "the LM head shares the embedding matrix")
     lm_head_bias: Any = _key("bool", False, "the LM head has a bias (GPT-J)")
     embedding_multiplier: Any = _key("number", 1.0, "embeddings are multiplied by it (Gemma: sqrt(hidden); Granite)")
@@ -282,6 +290,16 @@ class TargetConfig(_Strict):
     )
 
 
+_TargetConfigKeys = TargetConfig
+TargetConfig = create_model(  # type: ignore[misc]  # the keys above plus one settings group per registered mixer
+    "TargetConfig",
+    __base__=_TargetConfigKeys,
+    __doc__=_TargetConfigKeys.__doc__,
+    **{
+        name: (model | None, Field(default=None, description=f"{MIXERS[name].title} mixer settings"))
+        for name, model in MIXER_SETTINGS.items()
+    },
+)
 # The top-level keys a mapping or `--set` may give (layer_types is derived, never given).
 CONFIG_KEYS: tuple[str, ...] = tuple(name for name in TargetConfig.model_fields if name != "layer_types")
 
@@ -355,7 +373,10 @@ class Mapping(_Strict):
         if len(self.target.mixers) == 1:
             return self
         chosen = self.model_copy(
-            update={"name": f"{self.name}-to-{mixer}", "target": self.target.model_copy(update={"mixer": mixer})}
+            update={
+                "name": f"{self.name}-to-{mixer.replace('_', '-')}",
+                "target": self.target.model_copy(update={"mixer": mixer}),
+            }
         )
         chosen._file, chosen._text = self._file, self._text
         return chosen

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
-from collections.abc import Callable
 from typing import Any
 
 try:  # transformers >= 5 spells it PreTrainedConfig; the old alias is kept for safety.
@@ -19,7 +17,19 @@ except ImportError:  # pragma: no cover
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-LAYER_TYPES: tuple[str, ...] = ("attention", "mamba", "mamba2")
+from .mixers_xatl import (
+    LAYER_TYPES,
+    MIXERS,
+    Check,
+    XatlConfigError,
+    boolean,
+    is_int,
+    is_number,
+    optional,
+    positive_int,
+    positive_number,
+)
+from .mixers_xatl import shown as _shown
 
 
 def _register_layer_types_with_transformers() -> None:
@@ -58,96 +68,16 @@ DEFAULT_ROPE_THETA = 10000.0
 # inv_freq from the sequence length, as transformers' `dynamic_rope_update` does on a freshly loaded model.
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(("default", *ROPE_INIT_FUNCTIONS)))
 
-MAMBA_DEFAULTS: dict[str, Any] = {
-    "d_state": 16,
-    "d_conv": 4,
-    "expand": 2,
-    "dt_rank": "auto",
-    "dt_min": 0.001,
-    "dt_max": 0.1,
-    "dt_init_floor": 1e-4,
-    "dt_scale": 1.0,
-    "conv_bias": True,
-    "proj_bias": False,
-    "out_proj_bias": False,
-}
-
-# mamba-ssm's Mamba2 mixer arguments (its defaults). d_inner = expand * hidden_size, nheads = d_inner // headdim;
-# in_proj rows are [z (d_inner), x (d_inner), B (ngroups*d_state), C (ngroups*d_state), dt (nheads)].
-MAMBA2_DEFAULTS: dict[str, Any] = {
-    "d_state": 128,
-    "d_conv": 4,
-    "expand": 2,
-    "headdim": 64,
-    "ngroups": 1,
-    "chunk_size": 256,
-    "A_init_range": [1, 16],
-    "dt_min": 0.001,
-    "dt_max": 0.1,
-    "dt_init_floor": 1e-4,
-    "conv_bias": True,
-    "proj_bias": False,
-    "out_proj_bias": False,
-    "norm_before_gate": False,
-    # The gated RMSNorm's eps: mamba-ssm fixes 1e-5, transformers' Mamba2 hybrids use the model's rms_norm_eps. A
-    # conversion sets it to the source's norm_eps; 1e-5 is what folders written before the key existed computed.
-    "norm_eps": 1e-5,
-}
+# The mixers' settings are declared in the registry (mixers_xatl); these names stay for older imports.
+MAMBA_DEFAULTS: dict[str, Any] = MIXERS["mamba"].defaults
+MAMBA2_DEFAULTS: dict[str, Any] = MIXERS["mamba2"].defaults
 
 
-# Sanity bounds, far above any real model: a typo or a runaway expression must fail here, not as a 38 TB allocation.
-MAX_DIMENSION = 2**24
-MAX_D_STATE = 2**16
 MAX_LAYERS = 4096
 MAX_PARAMETERS = 2**41  # ~2.2e12, above the largest dense model
-
-Check = Callable[[str, Any], None]
-
-
-class XatlConfigError(ValueError):
-    """A config value the model cannot be built with; `keys` (dotted, e.g. mamba.d_conv) say which to change."""
-
-    def __init__(self, message: str, *keys: str) -> None:
-        super().__init__(message)
-        self.keys = keys
-
-
-def _shown(value: Any) -> str:
-    """A value as a user would type it: short floats, true/false, quoted strings."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # true/false are not sizes
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _positive_int(limit: int = MAX_DIMENSION) -> Check:
-    def check(key: str, value: Any) -> None:
-        if not _is_int(value) or value <= 0:
-            raise XatlConfigError(f"{key} must be a positive integer, got {_shown(value)}", key)
-        if value > limit:
-            raise XatlConfigError(f"{key}={value} is larger than any real model's (at most {limit})", key)
-
-    return check
-
-
-def _optional(check: Check) -> Check:
-    """None means 'derive it' (head_dim, num_key_value_heads, rope_theta, ...)."""
-    return lambda key, value: None if value is None else check(key, value)
-
-
-def _positive_number(key: str, value: Any) -> None:
-    if not _is_number(value) or value <= 0:
-        raise XatlConfigError(f"{key} must be a positive number, got {_shown(value)}", key)
+_is_int, _is_number, _positive_int, _optional, _positive_number, _bool = (
+    is_int, is_number, positive_int, optional, positive_number, boolean
+)  # fmt: skip
 
 
 def _non_negative_number(key: str, value: Any) -> None:
@@ -158,11 +88,6 @@ def _non_negative_number(key: str, value: Any) -> None:
 def _fraction(key: str, value: Any) -> None:
     if not _is_number(value) or not 0 <= value <= 1:
         raise XatlConfigError(f"{key} must be a number from 0 to 1, got {_shown(value)}", key)
-
-
-def _bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise XatlConfigError(f"{key} must be true or false, got {_shown(value)}", key)
 
 
 def _token_id(key: str, value: Any) -> None:
@@ -192,11 +117,6 @@ def _activation(key: str, value: Any) -> None:
 def _layer_kinds(key: str, value: Any) -> None:
     if value is not None and not (isinstance(value, list) and all(isinstance(kind, str) for kind in value)):
         raise XatlConfigError(f"{key} must be a list of {list(LAYER_TYPES)}, got {_shown(value)}", key)
-
-
-def _dt_rank(key: str, value: Any) -> None:
-    if value != "auto":
-        _positive_int()(key, value)
 
 
 def _choice(choices: tuple[str, ...], optional: bool = False) -> Check:
@@ -233,11 +153,6 @@ def _list_of(kinds: tuple[str, ...] | None) -> Check:
 def _non_negative_int(key: str, value: Any) -> None:
     if not _is_int(value) or value < 0:
         raise XatlConfigError(f"{key} must be an integer >= 0, got {_shown(value)}", key)
-
-
-def _init_range(key: str, value: Any) -> None:
-    if not (isinstance(value, list | tuple) and len(value) == 2 and all(_is_number(item) for item in value)):
-        raise XatlConfigError(f"{key} must be two numbers [low, high], got {_shown(value)}", key)
 
 
 # Every top-level key that XatlConfig.__init__ declares, with the check of its value on its own (the rules that
@@ -278,8 +193,7 @@ CONFIG_CHECKS: dict[str, Check] = {
     "rope_parameters": _settings,
     "rope_scaling": _settings,
     "max_position_embeddings": _positive_int(),
-    "mamba": _settings,
-    "mamba2": _settings,
+    **{name: _settings for name in MIXERS},  # each mixer's settings, as its registry entry declares them
     "tie_word_embeddings": _bool,
     "lm_head_bias": _bool,
     "embedding_multiplier": _positive_number,
@@ -292,41 +206,11 @@ CONFIG_CHECKS: dict[str, Check] = {
     "bos_token_id": _token_id,
     "eos_token_id": _token_id,
 }
-MIXER_CHECKS: dict[str, Check] = {
-    "d_state": _positive_int(MAX_D_STATE),
-    "d_conv": _positive_int(),
-    "expand": _positive_int(),
-    "headdim": _positive_int(),
-    "ngroups": _positive_int(),
-    "chunk_size": _positive_int(),
-    "dt_rank": _dt_rank,
-    "dt_min": _positive_number,
-    "dt_max": _positive_number,
-    "dt_init_floor": _positive_number,
-    "dt_scale": _positive_number,
-    "A_init_range": _init_range,
-    "conv_bias": _bool,
-    "proj_bias": _bool,
-    "out_proj_bias": _bool,
-    "norm_before_gate": _bool,
-    "norm_eps": _positive_number,
-}
 # Arguments read only at construction (legacy spellings and layer_types, checked on their own in _check).
 _CONSTRUCTION_ONLY = ("layer_types", "partial_rotary_factor", "rope_theta", "rope_scaling")
 # What a too-large parameter count can come from, in the order a caller should suspect them.
-_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "mamba.d_state", "mamba.expand",
-              "mamba.d_conv", "mamba2.d_state", "mamba2.expand", "mamba2.ngroups", "mamba2.d_conv")  # fmt: skip
-
-
-def _check_mixer_settings(group: str, settings: dict[str, Any]) -> None:
-    """The values of `mamba` or `mamba2` (unknown keys are refused when they are merged over the defaults)."""
-    for name, value in settings.items():
-        if name in MIXER_CHECKS:
-            MIXER_CHECKS[name](f"{group}.{name}", value)
-    low, high = settings.get("dt_min"), settings.get("dt_max")
-    if _is_number(low) and _is_number(high) and high < low:
-        raise XatlConfigError(f"{group}.dt_max={_shown(high)} is below {group}.dt_min={_shown(low)}",
-                              f"{group}.dt_max", f"{group}.dt_min")  # fmt: skip
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
+              *(key for spec in MIXERS.values() for key in spec.size_keys))  # fmt: skip
 
 
 def check_config_values(values: dict[str, Any]) -> None:
@@ -339,8 +223,8 @@ def check_config_values(values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key in CONFIG_CHECKS:
             CONFIG_CHECKS[key](key, value)
-        if key in ("mamba", "mamba2") and isinstance(value, dict):
-            _check_mixer_settings(key, value)
+        if key in MIXERS and isinstance(value, dict):
+            MIXERS[key].check_values(value)
 
 
 class XatlConfig(PreTrainedConfig):
@@ -408,8 +292,6 @@ class XatlConfig(PreTrainedConfig):
         rope_parameters: dict[str, Any] | None = None,
         rope_scaling: dict[str, Any] | None = None,
         max_position_embeddings: int = 2048,
-        mamba: dict[str, Any] | None = None,
-        mamba2: dict[str, Any] | None = None,
         tie_word_embeddings: bool = False,
         lm_head_bias: bool = False,
         embedding_multiplier: float = 1.0,
@@ -425,7 +307,11 @@ class XatlConfig(PreTrainedConfig):
     ) -> None:
         # Before any value is used: `hidden_size // num_attention_heads` or `[...] * num_hidden_layers` must not be
         # where a bad value first shows. locals() here holds exactly the arguments.
-        check_config_values({key: value for key, value in locals().items() if key not in ("self", "kwargs")})
+        # Each mixer's settings (`mamba`, `mamba2`, `gated_deltanet`, ...) come as keyword arguments named by the
+        # registry, so a new mixer adds no argument here.
+        mixer_settings = {name: kwargs.pop(name, None) for name in MIXERS}
+        arguments = {key: value for key, value in locals().items() if key not in ("self", "kwargs", "mixer_settings")}
+        check_config_values({**arguments, **mixer_settings})
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -468,8 +354,9 @@ class XatlConfig(PreTrainedConfig):
         self.rope_parameters = self._build_rope_parameters(
             rope_parameters if rope_parameters is not None else rope_scaling, rope_theta, partial_rotary_factor
         )
-        self.mamba = self._merge_mamba(mamba, hidden_size)
-        self.mamba2 = self._merge_mamba2(mamba2)
+        sizes = {"hidden_size": hidden_size, "num_attention_heads": num_attention_heads, "head_dim": head_dim}
+        for name, given in mixer_settings.items():
+            setattr(self, name, MIXERS[name].merge(given, sizes))
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
@@ -548,62 +435,22 @@ class XatlConfig(PreTrainedConfig):
         _fraction("rope_parameters.partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         return params
 
-    @staticmethod
-    def _merge_mamba(mamba: dict[str, Any] | None, hidden_size: int) -> dict[str, Any]:
-        unknown = set(mamba or {}) - set(MAMBA_DEFAULTS)
-        if unknown:
-            raise XatlConfigError(f"unknown mamba config keys {sorted(unknown)}; known: {sorted(MAMBA_DEFAULTS)}",
-                                  *(f"mamba.{key}" for key in sorted(unknown)))  # fmt: skip
-        merged = {**copy.deepcopy(MAMBA_DEFAULTS), **(mamba or {})}
-        if merged["dt_rank"] == "auto":
-            merged["dt_rank"] = math.ceil(hidden_size / 16)
-        return merged
+    @property
+    def mixer_sizes(self) -> dict[str, Any]:
+        """The model-level values the mixers' sizes derive from (the registry's `Sizes`)."""
+        return {"hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
+                "head_dim": self.head_dim}  # fmt: skip
 
-    @staticmethod
-    def _merge_mamba2(mamba2: dict[str, Any] | None) -> dict[str, Any]:
-        unknown = set(mamba2 or {}) - set(MAMBA2_DEFAULTS)
-        if unknown:
-            raise XatlConfigError(f"unknown mamba2 config keys {sorted(unknown)}; known: {sorted(MAMBA2_DEFAULTS)}",
-                                  *(f"mamba2.{key}" for key in sorted(unknown)))  # fmt: skip
-        merged = {**copy.deepcopy(MAMBA2_DEFAULTS), **copy.deepcopy(mamba2 or {})}
-        merged["A_init_range"] = list(merged["A_init_range"])  # a tuple would not survive a JSON round trip
-        return merged
-
-    def _check_mamba2(self) -> None:
-        m = self.mamba2
-        d_inner = m["expand"] * self.hidden_size
-        if d_inner % m["headdim"] != 0:
-            raise XatlConfigError(
-                f"mamba2: d_inner = expand * hidden_size = {m['expand']} * {self.hidden_size} = {d_inner} "
-                f"is not divisible by headdim={m['headdim']}",
-                "mamba2.headdim", "mamba2.expand", "hidden_size",
-            )  # fmt: skip
-        if d_inner % m["ngroups"] != 0:
-            raise XatlConfigError(f"mamba2: d_inner={d_inner} is not divisible by ngroups={m['ngroups']}",
-                                  "mamba2.ngroups", "mamba2.expand", "hidden_size")  # fmt: skip
-        nheads = d_inner // m["headdim"]
-        if nheads % m["ngroups"] != 0:
-            raise XatlConfigError(
-                f"mamba2: nheads = d_inner / headdim = {nheads} is not divisible by ngroups={m['ngroups']}",
-                "mamba2.ngroups", "mamba2.headdim",
-            )  # fmt: skip
-        lo, hi = m["A_init_range"]
-        if not 0 < lo <= hi:
-            raise XatlConfigError(f"mamba2: A_init_range must satisfy 0 < low <= high, got {m['A_init_range']}",
-                                  "mamba2.A_init_range")  # fmt: skip
+    def mixer_dims(self, kind: str) -> dict[str, int]:
+        """Derived sizes of mixer `kind` (d_inner, nheads, conv_dim, ...), from the registry."""
+        return MIXERS[kind].dims(getattr(self, kind), self.mixer_sizes)
 
     def _parameter_estimate(self) -> int:
         """Roughly how many parameters the config describes: embeddings, head, and per layer its mixer and MLP."""
         h, layers = self.hidden_size, self.num_hidden_layers
         mixers = {"attention": h * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)}
-        m = self.mamba
-        d_inner = m["expand"] * h
-        dt_rank = m["dt_rank"] if _is_int(m["dt_rank"]) else math.ceil(h / 16)
-        mixers["mamba"] = d_inner * (3 * h + m["d_conv"] + 2 * dt_rank + 3 * m["d_state"])
-        m = self.mamba2
-        d_inner = m["expand"] * h
-        conv_dim = d_inner + 2 * m["ngroups"] * m["d_state"]
-        mixers["mamba2"] = h * (2 * d_inner + conv_dim + d_inner // m["headdim"]) + conv_dim * m["d_conv"]
+        for name, spec in MIXERS.items():
+            mixers[name] = spec.parameters(getattr(self, name), self.mixer_sizes)
         per_layer = 3 * h * self.intermediate_size + max(mixers[kind] for kind in set(self.layer_types) or {"mamba"})
         return 2 * self.vocab_size * h + layers * per_layer
 
@@ -631,8 +478,9 @@ class XatlConfig(PreTrainedConfig):
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}",
                 "num_hidden_layers",
             )
-        if "mamba2" in self.layer_types:
-            self._check_mamba2()
+        for kind in dict.fromkeys(self.layer_types):
+            if kind in MIXERS:
+                MIXERS[kind].validate(getattr(self, kind), self.mixer_sizes)
         for key in ("attention_types", "no_rope_layers"):
             value = getattr(self, key, None)
             if value is not None and len(value) != self.num_hidden_layers:

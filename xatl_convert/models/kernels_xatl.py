@@ -1,7 +1,9 @@
-"""One dispatch point for the kernels the xatl mixers call, by mamba-ssm's and causal-conv1d's own names and signatures.
+"""One dispatch point for the kernels the xatl mixers call, by their packages' own names and signatures.
 
-The mixers' kernel call path calls five functions exactly as mamba-ssm's own modules do: `causal_conv1d_fn`,
-`causal_conv1d_update`, `selective_scan_fn`, `selective_state_update` and `mamba_chunk_scan_combined`. Each is
+The mixers' kernel call path calls the functions that each mixer's registry entry lists, exactly as the packages'
+own modules do: `causal_conv1d_fn` and `causal_conv1d_update` (causal-conv1d), `selective_scan_fn`,
+`selective_state_update` and `mamba_chunk_scan_combined` (mamba-ssm), `chunk_gated_delta_rule` and
+`fused_recurrent_gated_delta_rule` (fla, for Gated DeltaNet). Each is
 resolved per call, from the tensors' device, to the first of:
   1. a prebuilt kernel from the Hub through the `kernels` package, when the user allows it (XATL_HUB_KERNELS);
   2. the installed package's kernel (mamba-ssm, causal-conv1d), for CUDA tensors, through transformers'
@@ -10,9 +12,9 @@ resolved per call, from the tensors' device, to the first of:
      kernel (shapes, dtypes, layouts), so that a call the kernel would refuse fails on a CPU too.
 The mixers take the kernel call path when (1) or (2) gives a kernel for their inputs, or inside
 `kernel_path("kernels")`, where the stand-ins fill in (how verify and the tests run every CUDA call site on a
-CPU); otherwise they take the readable reference path (`scans_xatl`).
+CPU); otherwise they take the readable reference path (`scans_xatl`, `delta_rule_xatl`).
 
-Self-contained (torch, transformers and the stdlib; `kernels`, mamba-ssm and causal-conv1d optional): copied into
+Self-contained (torch, transformers and the stdlib; `kernels`, mamba-ssm, causal-conv1d and fla optional): copied into
 every converted folder with the modeling file.
 """
 
@@ -32,20 +34,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .delta_rule_xatl import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .mixers_xatl import KERNEL_MODULES as REGISTERED_KERNELS
+from .mixers_xatl import MIXERS
 from .scans_xatl import selective_scan_chunked, ssd_chunk_scan_reference
 
 logger = logging.getLogger(__name__)
 
-# Function name → (package, module inside it that defines the function): where mamba-ssm and causal-conv1d keep them.
-KERNEL_MODULES: dict[str, tuple[str, str]] = {
-    "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_interface"),
-    "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_interface"),
-    "selective_scan_fn": ("mamba_ssm", "ops.selective_scan_interface"),
-    "selective_state_update": ("mamba_ssm", "ops.triton.selective_state_update"),
-    "mamba_chunk_scan_combined": ("mamba_ssm", "ops.triton.ssd_combined"),
-}
+# Function name → (package, module inside it that defines the function), as each mixer's registry entry declares.
+KERNEL_MODULES: dict[str, tuple[str, str]] = REGISTERED_KERNELS
 HUB_KERNELS_ENV = "XATL_HUB_KERNELS"
-# The repository transformers' own kernel mapping reads all five functions from (hub_kernels.py, version 5).
+# Where transformers' own kernel mapping reads the mamba-ssm and causal-conv1d functions (hub_kernels.py, v5).
 DEFAULT_HUB_KERNELS = ("kernels-community/mamba-ssm", 5)
 _HUB_REPOSITORY = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?", re.ASCII)
 STAND_IN = "stand-in"
@@ -362,6 +361,8 @@ STAND_INS: dict[str, Callable[..., Any]] = {
     "selective_scan_fn": selective_scan_fn,
     "selective_state_update": selective_state_update,
     "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
+    "chunk_gated_delta_rule": chunk_gated_delta_rule,
+    "fused_recurrent_gated_delta_rule": fused_recurrent_gated_delta_rule,
 }
 
 
@@ -372,7 +373,7 @@ STAND_INS: dict[str, Callable[..., Any]] = {
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The five functions the kernel call path uses on one device, and where each came from ("stand-in",
+    """The functions the kernel call path uses on one device, and where each came from ("stand-in",
     "mamba_ssm", "causal_conv1d", or "hub:REPO@vN")."""
 
     functions: dict[str, Callable[..., Any]]
@@ -489,7 +490,7 @@ def _hub_function(module: Any, name: str) -> Callable[..., Any] | None:
 
 @functools.cache
 def kernel_set(device_type: str, hub: tuple[str, int] | None = None) -> KernelSet:
-    """The kernel call path's five functions for tensors on `device_type` ("cuda", "cpu", ...), with the prebuilt
+    """The kernel call path's functions for tensors on `device_type` ("cuda", "cpu", ...), with the prebuilt
     Hub kernels `hub` (repo, version) allowed first."""
     functions, sources = {}, {}
     hub_module = _hub_module(*hub, device_type) if hub is not None else None
@@ -504,14 +505,10 @@ def kernel_set(device_type: str, hub: tuple[str, int] | None = None) -> KernelSe
     return KernelSet(functions, sources)
 
 
-def outside_kernel_limits(kind: str, d_conv: int, d_state: int) -> str | None:
-    """Why the kernels cannot run a mixer of this shape (causal-conv1d takes widths 2 to 4; mamba-ssm's selective
-    scan at most 256 states), or None when they can."""
-    if not 2 <= d_conv <= 4:
-        return f"{kind}.d_conv {d_conv} is outside causal-conv1d's widths 2 to 4"
-    if kind == "mamba" and d_state > 256:
-        return f"mamba.d_state {d_state} is above the 256 states mamba-ssm's selective scan takes"
-    return None
+def outside_kernel_limits(kind: str, settings: dict[str, Any]) -> str | None:
+    """Why the kernels cannot run mixer `kind` with these settings (the registry's limits: causal-conv1d takes
+    widths 2 to 4, mamba-ssm's selective scan at most 256 states), or None when they can."""
+    return MIXERS[kind].outside_kernel_limits(settings)
 
 
 @functools.cache
@@ -519,7 +516,7 @@ def _warn_reference(reason: str) -> None:
     logger.warning(f"{reason}: those mixers run the reference path, not the kernels")
 
 
-def kernels_for(tensor: torch.Tensor, outside_limits: str | None = None) -> KernelSet | None:
+def kernels_for(tensor: torch.Tensor, outside_limits: str | None = None, scan: str | None = None) -> KernelSet | None:
     """What a mixer's kernel call path uses for inputs like `tensor`, or None for the readable reference path.
 
     "auto" (default): the kernel call path where a real kernel exists for the tensor's device and dtype (never for
@@ -532,7 +529,8 @@ def kernels_for(tensor: torch.Tensor, outside_limits: str | None = None) -> Kern
     found = kernel_set(tensor.device.type, hub_kernels_setting())
     if _PATH == "kernels":
         return found
-    if not found.has_kernels or tensor.dtype == torch.float64:
+    served = found.has_kernels if scan is None else found.sources[scan] != STAND_IN
+    if not served or tensor.dtype == torch.float64:
         return None
     if outside_limits is not None:
         _warn_reference(outside_limits)
@@ -560,6 +558,5 @@ def reference_path() -> contextlib.AbstractContextManager[None]:
 
 
 def kernels_available(kind: str, device_type: str = "cuda") -> bool:
-    """Whether a real kernel (installed or from the Hub) serves layer type `kind` ("mamba" or "mamba2") there."""
-    scan = "mamba_chunk_scan_combined" if kind == "mamba2" else "selective_scan_fn"
-    return kernel_set(device_type, hub_kernels_setting()).sources[scan] != STAND_IN
+    """Whether a real kernel (installed or from the Hub) serves layer type `kind` (a registered mixer) there."""
+    return kernel_set(device_type, hub_kernels_setting()).sources[MIXERS[kind].scan_kernel] != STAND_IN

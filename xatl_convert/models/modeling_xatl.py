@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_xatl import XatlConfig
+from .delta_rule_xatl import chunk_gated_delta_rule_reference, recurrent_gated_delta_rule_reference
 from .kernels_xatl import (
     KernelSet,
     kernel_path,
@@ -32,6 +33,7 @@ from .kernels_xatl import (
     outside_kernel_limits,
     reference_path,
 )
+from .mixers_xatl import MIXERS
 from .scans_xatl import compute_dtype, selective_scan_chunked, selective_scan_reference, ssd_chunk_scan_reference
 
 # Marks set on nn.Linear modules so that `init_xatl_weights` can initialise each module on its own, in any order.
@@ -45,16 +47,6 @@ _DT_PROJ = "dt_proj"  # Mamba's dt_proj: mamba-ssm's dt init, bias never zeroed
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _mamba2_dims(config: XatlConfig) -> dict[str, int]:
-    m = config.mamba2
-    d_inner = m["expand"] * config.hidden_size
-    return {
-        "d_inner": d_inner,
-        "nheads": d_inner // m["headdim"],
-        "conv_dim": d_inner + 2 * m["ngroups"] * m["d_state"],
-    }
-
-
 class XatlCache:
     """Per-layer generation state of an `XatlForCausalLM`; what `forward(..., use_cache=True)` returns.
 
@@ -62,7 +54,10 @@ class XatlCache:
       - "mamba":     conv_states[i] (batch, d_inner, d_conv), ssm_states[i] (batch, d_inner, d_state);
       - "mamba2":    conv_states[i] (batch, conv_dim, d_conv), ssm_states[i] (batch, nheads, headdim, d_state),
                      conv_dim = d_inner + 2 * ngroups * d_state;
+      - "gated_deltanet": conv_states[i] (batch, 2 * key_dim + value_dim, d_conv), ssm_states[i] (batch,
+                     num_v_heads, head_k_dim, head_v_dim), fla's recurrent state;
       - "attention": key_cache[i], value_cache[i] (batch, kv_heads, seen_tokens, head_dim), keys after RoPE.
+    Each mixer's shapes come from its registry entry (`state_shapes`).
     conv_states[i][..., -1] is the newest input. Recurrent states have a fixed size; only attention grows, by one
     column per token. `seen_tokens` counts the tokens processed; the rotary positions of new tokens start there.
     Conv and KV tensors use `dtype`, SSM states `ssm_dtype` (default: `dtype`, as mamba-ssm).
@@ -89,13 +84,8 @@ class XatlCache:
         self.key_cache: list[torch.Tensor | None] = [None] * n
         self.value_cache: list[torch.Tensor | None] = [None] * n
         for i, kind in enumerate(self.layer_types):
-            if kind == "mamba":
-                m, d_inner = config.mamba, config.mamba["expand"] * config.hidden_size
-                conv_shape, ssm_shape = (d_inner, m["d_conv"]), (d_inner, m["d_state"])
-            elif kind == "mamba2":
-                m, dims = config.mamba2, _mamba2_dims(config)
-                conv_shape = (dims["conv_dim"], m["d_conv"])
-                ssm_shape = (dims["nheads"], m["headdim"], m["d_state"])
+            if kind in MIXERS:
+                conv_shape, ssm_shape = MIXERS[kind].state_shapes(getattr(config, kind), config.mixer_sizes)
             else:
                 kv_shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)
                 self.key_cache[i] = torch.zeros(kv_shape, dtype=dtype, device=device)
@@ -134,7 +124,7 @@ class XatlCache:
         return total // max(self.batch_size, 1) if per_sequence else total
 
     def recurrent_bytes(self, per_sequence: bool = True) -> int:
-        """Bytes of the Mamba / Mamba2 conv and SSM states: fixed, whatever the number of tokens seen."""
+        """Bytes of the LCI mixers' conv and recurrent states: fixed, whatever the number of tokens seen."""
         return self._bytes(self.conv_states + self.ssm_states, per_sequence)
 
     def kv_bytes(self, per_sequence: bool = True) -> int:
@@ -557,7 +547,7 @@ class XatlMamba(nn.Module):
         setattr(self.dt_proj, _INIT_ROLE, _DT_PROJ)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.outside_kernels = outside_kernel_limits("mamba", self.d_conv, self.d_state)
+        self.outside_kernels = outside_kernel_limits("mamba", m)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
 
@@ -683,7 +673,7 @@ class XatlMamba2(nn.Module):
 
     def __init__(self, config: XatlConfig, layer_idx: int) -> None:
         super().__init__()
-        m, dims = config.mamba2, _mamba2_dims(config)
+        m, dims = config.mamba2, config.mixer_dims("mamba2")
         self.layer_idx = layer_idx
         self.d_state, self.d_conv, self.headdim = m["d_state"], m["d_conv"], m["headdim"]
         self.ngroups, self.chunk_size = m["ngroups"], m["chunk_size"]
@@ -691,7 +681,7 @@ class XatlMamba2(nn.Module):
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=m["proj_bias"])
         self.conv1d = _depthwise_conv(self.conv_dim, self.d_conv, m["conv_bias"])
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
-        self.outside_kernels = outside_kernel_limits("mamba2", self.d_conv, self.d_state)
+        self.outside_kernels = outside_kernel_limits("mamba2", m)
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm = XatlGatedRMSNorm(
@@ -803,6 +793,118 @@ class XatlMamba2(nn.Module):
         return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
 
 
+class XatlHeadGatedRMSNorm(nn.Module):
+    """Qwen3-Next's and fla's gated output norm: rmsnorm(x) · weight · silu(z) over each head, one weight of
+    head_dim shared by every head; normalised in fp32, weighted in the input's dtype, gated in fp32, as there."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype, ct = hidden_states.dtype, compute_dtype(hidden_states)
+        x = hidden_states.to(ct)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = self.weight * x.to(dtype)
+        return (x.to(ct) * F.silu(gate.to(ct))).to(dtype)
+
+
+class XatlGatedDeltaNet(nn.Module):
+    """Gated DeltaNet (delta-rule linear attention) with Qwen3-Next's and fla's semantics.
+
+    in_proj rows are [q (key_dim), k (key_dim), v (value_dim), z (value_dim), b (num_v_heads), a (num_v_heads)],
+    key_dim = num_heads · head_k_dim, value_dim = num_v_heads · head_v_dim: so W_Q, W_K and W_V of an attention
+    layer fill the q, k and v blocks (`part:` rules) and W_O fills out_proj. conv1d is depthwise over q‖k‖v, then
+    SiLU; q and k are L2-normalised per head; β = sigmoid(b); the log decay is g = −exp(A_log) · softplus(a + dt_bias);
+    the output is out_proj(rmsnorm(o) · weight · silu(z)) per value head. Two paths, as the Mamba mixers: fla's
+    `chunk_gated_delta_rule` / `fused_recurrent_gated_delta_rule` (kernel path), or the readable chunked (prefill,
+    training) and recurrent (one token after a cached prefix) references of `delta_rule_xatl`.
+    """
+
+    def __init__(self, config: XatlConfig, layer_idx: int) -> None:
+        super().__init__()
+        g, dims = config.gated_deltanet, config.mixer_dims("gated_deltanet")
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_v_heads = g["num_heads"], g["num_v_heads"]
+        self.head_k_dim, self.head_v_dim = g["head_k_dim"], g["head_v_dim"]
+        self.key_dim, self.value_dim, self.conv_dim = dims["key_dim"], dims["value_dim"], dims["conv_dim"]
+        self.d_conv, self.chunk_size = g["d_conv"], g["chunk_size"]
+        projected = self.conv_dim + self.value_dim + 2 * self.num_v_heads
+        self.in_proj = nn.Linear(config.hidden_size, projected, bias=g["proj_bias"])
+        self.conv1d = _depthwise_conv(self.conv_dim, self.d_conv, g["conv_bias"])
+        self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
+        self.norm = XatlHeadGatedRMSNorm(self.head_v_dim, eps=g["norm_eps"])
+        self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=g["out_proj_bias"])
+        setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
+        self.outside_kernels = outside_kernel_limits("gated_deltanet", g)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        cache: XatlCache | None = None,
+    ) -> torch.Tensor:
+        """As `XatlMamba.forward`: padded positions add nothing to the state (their β and g are zeroed); with a
+        cache, one token after earlier ones takes the recurrent step, anything else the chunked form from the
+        cached state."""
+        ops = kernels_for(hidden_states, self.outside_kernels, scan="chunk_gated_delta_rule")
+        b, length, _ = hidden_states.shape
+        qkv, z, beta_logits, a = self.in_proj(hidden_states).split(
+            [self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], dim=-1
+        )
+        if ops is not None:
+            qkv = _short_conv_kernels(qkv.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask, ops)
+        else:
+            qkv = _short_conv(qkv.transpose(1, 2), self.conv1d, self.layer_idx, cache, padding_mask)
+        q, k, v = qkv.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(b, length, self.num_heads, self.head_k_dim)
+        k = k.reshape(b, length, self.num_heads, self.head_k_dim)
+        v = v.reshape(b, length, self.num_v_heads, self.head_v_dim)
+        beta = beta_logits.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # fp32, as Qwen3-Next
+        if padding_mask is not None:
+            keep = padding_mask[:, :, None].to(g.dtype)
+            g, beta = g * keep, beta * keep.to(beta.dtype)
+        continuing = cache is not None and cache.seen_tokens > 0
+        state = cache.ssm_states[self.layer_idx] if continuing else None
+        arguments = {"initial_state": state, "output_final_state": cache is not None, "use_qk_l2norm_in_kernel": True}
+        if ops is not None:
+            scan = ops.fused_recurrent_gated_delta_rule if continuing and length == 1 else ops.chunk_gated_delta_rule
+            o, final_state = scan(q, k, v, g=g, beta=beta, **arguments)
+        elif continuing and length == 1:
+            o, final_state = recurrent_gated_delta_rule_reference(q, k, v, g, beta, **arguments)
+        else:
+            o, final_state = chunk_gated_delta_rule_reference(q, k, v, g, beta, chunk_size=self.chunk_size, **arguments)
+        if cache is not None:
+            cache.ssm_states[self.layer_idx] = final_state.to(cache.ssm_states[self.layer_idx].dtype)
+        o = self.norm(o, z.reshape(b, length, self.num_v_heads, self.head_v_dim))
+        return self.out_proj(o.reshape(b, length, self.value_dim))
+
+    @torch.no_grad()
+    def init_own_parameters(self, config: XatlConfig) -> None:
+        """fla's init: dt log-uniform in [dt_min, dt_max] (floored), dt_bias = softplus⁻¹(dt); A ~ U(A_init_range)."""
+        g = config.gated_deltanet
+        if _fresh(self.dt_bias):
+            self.dt_bias.copy_(_inverse_softplus_dt(self.num_v_heads, g, self.dt_bias.device))
+        if _fresh(self.A_log):
+            a = torch.empty(self.num_v_heads, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(a.uniform_(*g["A_init_range"])))
+
+
+def _inverse_softplus_dt(count: int, settings: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """softplus⁻¹(dt) for dt log-uniform in [dt_min, dt_max], floored at dt_init_floor (mamba-ssm's and fla's)."""
+    log_lo, log_hi = math.log(settings["dt_min"]), math.log(settings["dt_max"])
+    u = torch.rand(count, dtype=torch.float32, device=device)
+    dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=settings["dt_init_floor"])
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+# Each registered mixer's module, by the class name its registry entry gives.
+MIXER_MODULES: dict[str, type[nn.Module]] = {name: globals()[spec.module] for name, spec in MIXERS.items()}
+
+
 class XatlBlock(GradientCheckpointingLayer):
     """norm → mixer and norm → MLP, with a parallel (GPT-NeoX) or sequential (Llama) residual.
 
@@ -822,10 +924,8 @@ class XatlBlock(GradientCheckpointingLayer):
             self.input_norm = _make_norm(config)
         if self.layer_type == "attention":
             self.mixer: nn.Module = XatlAttention(config, layer_idx)
-        elif self.layer_type == "mamba2":
-            self.mixer = XatlMamba2(config, layer_idx)
-        else:
-            self.mixer = XatlMamba(config, layer_idx)
+        else:  # the class that the mixer's registry entry names
+            self.mixer = MIXER_MODULES[self.layer_type](config, layer_idx)
         if self.post_norm:
             self.post_mixer_norm = _make_norm(config)
         if self.pre_norm:
@@ -914,7 +1014,7 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
     elif isinstance(module, nn.Embedding):
         if _fresh(module.weight):
             nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-    elif isinstance(module, (nn.LayerNorm, XatlRMSNorm, XatlGatedRMSNorm)):
+    elif isinstance(module, (nn.LayerNorm, XatlRMSNorm, XatlGatedRMSNorm, XatlHeadGatedRMSNorm)):
         if _fresh(module.weight):  # a scale of 1: with Gemma's (offset + w), w = 1 - offset
             nn.init.constant_(module.weight, 1.0 - getattr(module, "weight_offset", 0.0))
         if _fresh(getattr(module, "bias", None)):
@@ -928,15 +1028,15 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
     elif isinstance(module, XatlMamba2):
         m = config.mamba2
         if _fresh(module.dt_bias):  # dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^-1(dt)
-            log_lo, log_hi = math.log(m["dt_min"]), math.log(m["dt_max"])
-            u = torch.rand(module.nheads, dtype=torch.float32, device=module.dt_bias.device)
-            dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=m["dt_init_floor"])
-            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            module.dt_bias.copy_(_inverse_softplus_dt(module.nheads, m, module.dt_bias.device))
         if _fresh(module.A_log):  # A ~ U(A_init_range) per head
             a = torch.empty(module.nheads, dtype=torch.float32, device=module.A_log.device).uniform_(*m["A_init_range"])
             module.A_log.copy_(torch.log(a))
         if _fresh(module.D):
             nn.init.ones_(module.D)
+
+    elif hasattr(module, "init_own_parameters"):  # a mixer that owns its init (Gated DeltaNet, later ones)
+        module.init_own_parameters(config)
 
 
 def _init_dt_proj(linear: nn.Linear, config: XatlConfig) -> None:
@@ -946,10 +1046,7 @@ def _init_dt_proj(linear: nn.Linear, config: XatlConfig) -> None:
         std = linear.in_features**-0.5 * m["dt_scale"]
         nn.init.uniform_(linear.weight, -std, std)
     if _fresh(linear.bias):
-        log_lo, log_hi = math.log(m["dt_min"]), math.log(m["dt_max"])
-        u = torch.rand(linear.out_features, dtype=torch.float32, device=linear.bias.device)
-        dt = torch.exp(u * (log_hi - log_lo) + log_lo).clamp(min=m["dt_init_floor"])
-        linear.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        linear.bias.copy_(_inverse_softplus_dt(linear.out_features, m, linear.bias.device))
 
 
 # --------------------------------------------------------------------------------------------------------------
