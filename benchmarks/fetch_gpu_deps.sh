@@ -15,4 +15,6 @@ MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
   "causal-conv1d==1.7.0" "mamba-ssm==2.3.2.post1" -d .gpu-deps
 pip download --quiet --only-binary :all: -d .gpu-deps/wheels \
   typer rich pydantic pyyaml safetensors huggingface-hub einops
+# fla (Gated DeltaNet's chunk_gated_delta_rule, fused_recurrent_gated_delta_rule): pure Python on Triton
+pip download --quiet --only-binary :all: --no-deps -d .gpu-deps/wheels "flash-linear-attention==0.6.0" "fla-core==0.6.0"
 ls -la .gpu-deps .gpu-deps/wheels

@@ -62,6 +62,7 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
     from transformers.utils import logging as transformers_logging
 
     from xatl_convert.conversion import convert, init_overrides
+    from xatl_convert.models.mixers_xatl import MIXERS
     from xatl_convert.models.modeling_xatl import kernels_available
     from xatl_convert.verify import verify
 
@@ -70,7 +71,7 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "kernels": {kind: kernels_available(kind) for kind in ("mamba", "mamba2")},
+        "kernels": {kind: kernels_available(kind) for kind in MIXERS},
         "conversions": {},
     }
     with tempfile.TemporaryDirectory() as work:
@@ -83,6 +84,7 @@ def run(device: str, quick: bool, json_path: Path | None) -> bool:
             ("example", "mamba", {}, None),
             ("example", "mamba2", init_overrides("attention"), None),
             ("example", "mamba", {}, "paper"),
+            ("example", "gated_deltanet", {}, "paper"),  # fla's chunk / fused-recurrent kernels, W_Q/K/V/O moved
             ("pythia-160m-shape", "mamba", {"mamba.expand": 2}, None),
             ("pythia-160m-shape", "mamba2", {}, None),
         ]

@@ -6,7 +6,7 @@
 # travels with the working tree):
 #   1. pure-Python dependencies from .gpu-deps/wheels, where missing;
 #   2. causal-conv1d and mamba-ssm built from their sdists for this GPU's architecture only (see gpu_check.py
-#      patch-sources: their setup.py would otherwise compile for ~10 architectures);
+#      patch-sources: their setup.py would otherwise compile for ~10 architectures); fla from its wheels;
 #   3. xatl-convert itself (editable, no dependencies fetched);
 #   4. benchmarks/gpu_check.py run: convert + verify on CUDA, kernels against the reference path, one JSON.
 # SKIP_INSTALL=1 skips steps 1-3; DEVICE=cpu runs step 4 on the CPU (what can be tested without a GPU).
@@ -29,6 +29,9 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
     pip install --no-index --no-deps --no-build-isolation "$build"/mamba_ssm-*/
     echo "built causal-conv1d and mamba-ssm for sm_$arch in $(( $(date +%s) - start )) s"
   fi
+  python -c "import fla" 2>/dev/null ||
+    pip install --no-index --no-deps --find-links .gpu-deps/wheels flash-linear-attention fla-core ||
+    echo "fla not installed: Gated DeltaNet runs its stand-ins (benchmarks/fetch_gpu_deps.sh fetches it)"
   pip install --no-index --no-deps --no-build-isolation -e . >/dev/null
 fi
 

@@ -11,7 +11,7 @@ import yaml
 from tests.bad_input import error_line, invoke
 from tests.conftest import EXAMPLE_CHECKPOINT
 from xatl_convert.mapping import load_mapping, parse_mapping
-from xatl_convert.mapping.layers import LCI_MIXERS
+from xatl_convert.mapping.scaffold import SCAFFOLD_MIXERS
 from xatl_convert.plan import build_plan
 from xatl_convert.sources import resolve_source
 
@@ -49,7 +49,7 @@ def _transferred(result) -> int:
     return int(re.search(r"(\d+) transferred", result.stdout).group(1))
 
 
-@pytest.mark.parametrize("mixer", LCI_MIXERS)
+@pytest.mark.parametrize("mixer", SCAFFOLD_MIXERS)
 @pytest.mark.parametrize("family", ["llama", "gpt-neox"])
 def test_scaffold_of_a_known_family_validates_and_transfers_what_the_builtin_does(
     tmp_path: Path, llama_source: Path, family: str, mixer: str
@@ -63,7 +63,7 @@ def test_scaffold_of_a_known_family_validates_and_transfers_what_the_builtin_doe
         data["name"] == f"my-{family}-to-{mixer.replace('_', '-')}"
     )  # not the built-in's name, which --dry-run would show
     assert data["target"]["mixer"] == mixer
-    other = next(name for name in LCI_MIXERS if name != mixer)
+    other = next(name for name in SCAFFOLD_MIXERS if name != mixer)
     assert mixer in data["target"]["config"] and other not in data["target"]["config"]
     w_o = [rule for rule in data["rules"] if rule.get("group") == "w_o" and rule.get("where") != "attention"]
     assert w_o and all(rule["where"] == mixer for rule in w_o)
@@ -118,6 +118,11 @@ def test_scaffold_of_a_family_it_knows_in_part_marks_each_gap_and_validation_nam
         "heads": "${source.n_head}",
         "layout": "interleaved",
     }
+
+
+def test_scaffold_says_where_to_start_for_a_mixer_it_cannot_guess() -> None:
+    line = error_line(invoke("mappings", "new", "--source", EXAMPLE_CHECKPOINT, "--to", "gated-deltanet"))
+    assert "xatl mappings show llama-to-gated-deltanet" in line
 
 
 def test_scaffold_refuses_an_unknown_mixer() -> None:

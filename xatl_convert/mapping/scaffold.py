@@ -85,12 +85,23 @@ class _Found:
         return any(name.endswith("bias") for name in seen) if seen else None
 
 
+# The mixers whose settings and rules the scaffold can guess from a source (Gated DeltaNet's Q/K/V part rules it
+# cannot yet: users start from a built-in family mapping).
+SCAFFOLD_MIXERS: tuple[str, ...] = ("mamba", "mamba2")
+
+
 def scaffold_mapping(source: SourceCheckpoint, target_mixer: str = "mamba") -> str:
     """YAML text of a starting mapping for this source; every guess carries a comment, every gap a TODO."""
     target_mixer = mixer_named(target_mixer)
     if target_mixer not in LCI_MIXERS:
         raise PlanError(
             f"--to {target_mixer!r}: unknown target (known: {', '.join(mixer_spelling(m) for m in LCI_MIXERS)})"
+        )
+    if target_mixer not in SCAFFOLD_MIXERS:
+        raise PlanError(
+            f"--to {mixer_spelling(target_mixer)}: `xatl mappings new` scaffolds {' and '.join(SCAFFOLD_MIXERS)} "
+            f"mappings; start from a built-in one (`xatl mappings show llama-to-{mixer_spelling(target_mixer)}`), "
+            "whose Q/K/V rules it cannot guess yet"
         )
     from xatl_convert.plan import normalised_source_config
 
