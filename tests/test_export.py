@@ -83,7 +83,7 @@ def test_an_export_that_would_compute_something_else_is_refused_with_every_reaso
         assert reason in line
     assert not (tmp_path / "g").exists()
     line = error_line(invoke("export", tmp_path / "xatl", "--format", "bamba2", "--out", tmp_path / "g"))
-    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid, bamba, mamba-ssm, gguf)"
+    assert line == "error: --format 'bamba2': unknown (known: granitemoehybrid, bamba, mamba-ssm, gguf, qwen3_next)"
 
 
 def test_convert_format_writes_the_export_directly_and_refuses_before_writing(tmp_path: Path) -> None:

@@ -29,10 +29,12 @@ QWEN3 = ("Qwen3ForCausalLM", "Qwen3Config", {
     "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
     "tie_word_embeddings": True})  # fmt: skip
 IDS = torch.randint(0, 256, (2, 72), generator=torch.Generator().manual_seed(0))  # two delta-rule chunks of 64
+ROPE = {"partial_rotary_factor": 0.5, "rope_type": "linear", "factor": 2.0}  # half of each head, positions / 2
 # case: (source, attn_layers, overrides); llama-grouped has two value heads per key head
 CASES: dict[str, tuple[str, str | None, dict[str, Any] | None]] = {
     "qwen3-pure": ("qwen3", None, None),
     "qwen3-hybrid": ("qwen3", "1", None),
+    "qwen3-hybrid-rope": ("qwen3", "1", {f"rope_parameters.{key}": value for key, value in ROPE.items()}),
     "llama-pure": ("llama", None, None),
     "llama-grouped": ("llama", None, {"gated_deltanet.num_v_heads": 8}),
 }
@@ -93,7 +95,9 @@ def test_export_loads_natively_and_computes_the_same(case: str, exported: Export
     xatl, export = exported(case)
     config = json.loads((export / "config.json").read_text())
     assert config["model_type"] == "qwen3_next" and "auto_map" not in config and config["num_experts"] == 0
-    assert config["rope_parameters"]["partial_rotary_factor"] == 1.0  # absent, Qwen3-Next would rotate a quarter
+    rope = json.loads((xatl / "config.json").read_text())["rope_parameters"]
+    assert config["rope_parameters"] == {"partial_rotary_factor": 1.0, **rope}  # absent, Qwen3-Next rotates a quarter
+    assert config["partial_rotary_factor"] == config["rope_parameters"]["partial_rotary_factor"]
     kept = CASES[case][1]
     expected = ["full_attention" if str(i) == kept else "linear_attention" for i in range(config["num_hidden_layers"])]
     assert config["layer_types"] == expected

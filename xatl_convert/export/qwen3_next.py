@@ -1,7 +1,8 @@
 """transformers' Qwen3-Next (`model_type: qwen3_next`) with a dense MLP on every layer: Gated DeltaNet layers
 ("linear_attention") and gated attention ("full_attention") in any order. The exact home of Gated DeltaNet
 conversions: pure ones of the Llama family and of Qwen3, and Qwen3 hybrids (their attention keeps its per-head q/k
-norm, which Qwen3-Next's attention always applies); vLLM and SGLang serve it natively.
+norm, which Qwen3-Next's attention always applies). transformers loads it natively; the vLLM and SGLang Qwen3-Next
+classes read (vLLM 002d607, SGLang 0201bc8) build MoE blocks only, so a dense export does not load there yet.
 
 Facts read from transformers' modeling_qwen3_next.py (5.24):
 - Qwen3NextRMSNorm (input, post-attention, final, q and k norms) computes x·(1 + w) in fp32: the export stores
@@ -50,6 +51,7 @@ ATTENTION_ONLY = {
 }
 GATED_DELTANET_BIASES = {"proj_bias": "in_proj", "conv_bias": "conv1d", "out_proj_bias": "out_proj"}
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)  # what Qwen3NextRotaryEmbedding computes
+SILU = ("silu", "swish")  # transformers' two names of what xatl's Gated DeltaNet conv applies
 
 
 def refusals(config: dict[str, Any]) -> list[str]:
@@ -60,9 +62,6 @@ def refusals(config: dict[str, Any]) -> list[str]:
         for key, value in SKELETON.items()
         if config.get(key, value) != value
     ]
-    if config.get("hidden_act") != "silu":
-        reasons.append(f"hidden_act {config.get('hidden_act')!r}: {TITLE} uses it for the Gated DeltaNet conv too, "
-                       "where xatl uses silu")  # fmt: skip
     kinds = config["layer_types"]
     if "attention" in kinds:
         reasons += _attention_refusals(config, [i for i, kind in enumerate(kinds) if kind == "attention"])
@@ -120,6 +119,9 @@ def _gated_deltanet_refusals(config: dict[str, Any]) -> list[str]:
         for key, where in GATED_DELTANET_BIASES.items()
         if g[key]
     ]
+    if config.get("hidden_act") not in SILU:
+        reasons.append(f"hidden_act {config.get('hidden_act')!r}: {TITLE} uses it for the Gated DeltaNet conv too, "
+                       "where xatl uses silu")  # fmt: skip
     if not math.isclose(g["norm_eps"], config["norm_eps"], rel_tol=1e-6):  # a float32-rounded eps is fine
         reasons.append(f"gated_deltanet.norm_eps {g['norm_eps']:g} is not norm_eps {config['norm_eps']:g}, which "
                        f"{TITLE}'s gated norm uses: convert again (it takes the source's unless --set)")  # fmt: skip
@@ -147,6 +149,10 @@ def target_config(config: dict[str, Any]) -> dict[str, Any]:
         "rms_norm_eps": config["norm_eps"],
         "max_position_embeddings": config["max_position_embeddings"],
         "rope_parameters": rope,
+        # the legacy top-level keys too, as Qwen's own checkpoints have them: engines that read these (SGLang's
+        # config class defaults partial_rotary_factor to 0.25) rotate what transformers rotates
+        "rope_theta": rope["rope_theta"],
+        "partial_rotary_factor": rope["partial_rotary_factor"],
         "linear_num_key_heads": g["num_heads"],
         "linear_num_value_heads": g["num_v_heads"],
         "linear_key_head_dim": g["head_k_dim"],
