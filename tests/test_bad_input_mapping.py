@@ -7,7 +7,6 @@ where the mistake is (FILE:LINE of the mapping, or `--set KEY`) and that no outp
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import json
 import re
 import time
@@ -21,6 +20,7 @@ from xatl_convert.conversion import parse_overrides, plan_conversion
 from xatl_convert.mapping import Mapping
 from xatl_convert.mapping.schema import CONFIG_KEYS, MIXER_SETTINGS, MIXERS, Mamba2Settings, MambaSettings, TargetConfig
 from xatl_convert.models import MAMBA2_DEFAULTS, MAMBA_DEFAULTS, XatlConfig
+from xatl_convert.models.config_keys_xatl import CONSTRUCTION_ONLY, MODEL_KEYS
 
 NEOX_MAPPING = REPO_ROOT / "mappings" / "gpt-neox.yaml"
 DOC = REPO_ROOT / "docs" / "mappings.md"
@@ -324,13 +324,19 @@ def _defaults(model: type) -> dict[str, object]:
     return {name: field.default for name, field in model.model_fields.items() if name != "layer_types"}
 
 
-def test_declared_keys_and_defaults_are_the_config_class_own() -> None:
-    """The schema declares the keys for mappings without importing torch; it must agree with XatlConfig."""
-    parameters = inspect.signature(XatlConfig.__init__).parameters
-    own = {name: parameter.default for name, parameter in parameters.items() if name not in ("self", "kwargs")}
-    own.pop("layer_types")
-    own.update(dict.fromkeys(MIXERS))  # each registered mixer's settings group, given as a keyword (None: defaults)
-    assert _defaults(TargetConfig) == own and set(CONFIG_KEYS) == set(own)
+def test_the_schema_and_the_config_class_read_one_declaration() -> None:
+    """A mapping (or `--set`) and the model accept the same keys with the same defaults: both read config_keys_xatl
+    and the mixer registry, and a default XatlConfig stores each declared default."""
+    assert list(CONFIG_KEYS) == [*MODEL_KEYS, *MIXERS]
+    assert _defaults(TargetConfig) == {
+        **{name: key.default for name, key in MODEL_KEYS.items()},
+        **dict.fromkeys(MIXERS),
+    }
+    config = XatlConfig()
+    derived = {"num_key_value_heads", "head_dim", "rope_parameters", *CONSTRUCTION_ONLY}  # filled from others
+    assert {name: getattr(config, name) for name in MODEL_KEYS if name not in derived} == {
+        name: key.default for name, key in MODEL_KEYS.items() if name not in derived
+    }
     assert _defaults(MambaSettings) == MAMBA_DEFAULTS and _defaults(Mamba2Settings) == MAMBA2_DEFAULTS
     for name, model in MIXER_SETTINGS.items():  # one settings model per registered mixer, with its defaults
         assert _defaults(model) == MIXERS[name].defaults

@@ -27,20 +27,22 @@ from xatl_convert.mapping.expressions import substitute
 from xatl_convert.transforms import TransformChain, parse_transform
 
 
-def _mixer_registry() -> ModuleType:
-    """`xatl_convert.models.mixers_xatl` (stdlib only) without importing its package, whose `__init__` imports
+def _model_module(name: str) -> ModuleType:
+    """`xatl_convert.models.<name>` (a stdlib-only file) without importing its package, whose `__init__` imports
     transformers and torch: loaded from its file under its own name, so a later package import finds this one."""
-    name = "xatl_convert.models.mixers_xatl"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "models" / "mixers_xatl.py")
+    qualified = f"xatl_convert.models.{name}"
+    if qualified not in sys.modules:
+        path = Path(__file__).parents[1] / "models" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(qualified, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[qualified] = module
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[qualified]
 
 
-MIXERS = _mixer_registry().MIXERS
+_KEYS = _model_module("config_keys_xatl")
+MIXERS = _model_module("mixers_xatl").MIXERS
 LayerType = Literal[("attention", *MIXERS, "lci")]  # type: ignore[valid-type]  # lci: every layer with an LCI mixer
 Mixer = Literal[tuple(MIXERS)]  # type: ignore[valid-type]
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
@@ -177,14 +179,16 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "fraction?": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "bool": {"type": "boolean"},
     "str": {"type": "string"},
-    "norm": {"enum": ["layernorm", "rmsnorm"]},
+    "activation": {"type": "string"},
+    "layers": {"type": "integer", "minimum": 1},
+    "norm": {"enum": list(_KEYS.NORM_TYPES)},
     "int>=0": {"type": "integer", "minimum": 0},
-    "norm_layout": {"enum": ["pre", "post", "sandwich"]},
-    "qk_norm": {"enum": ["head", "full", None]},
-    "positions": {"enum": ["rope", "learned"]},
+    "norm_layout": {"enum": list(_KEYS.NORM_LAYOUTS)},
+    "qk_norm": {"enum": [*_KEYS.QK_NORMS, None]},
+    "positions": {"enum": list(_KEYS.POSITION_EMBEDDINGS)},
     "attention_types": {
         "type": ["array", "null"],
-        "items": {"enum": ["full_attention", "sliding_attention"]},
+        "items": {"enum": list(_KEYS.ATTENTION_TYPES)},
     },
     "flags?": {"type": ["array", "null"], "items": {"enum": [0, 1]}},
     "dict?": {"type": ["object", "null"]},
@@ -224,81 +228,21 @@ def _derived_layer_types(value: Any) -> Any:
     raise ValueError("layer_types is derived from target.mixer and target.attention_layers (or --attn-layers)")
 
 
-class TargetConfig(_Strict):
-    """`target.config`: the keys of the xatl model config (XatlConfig); any other key is an error."""
-
-    vocab_size: Any = _key("int", 50304, "rows of the embedding and of the LM head")
-    hidden_size: Any = _key("int", 768, "width of the residual stream")
-    num_hidden_layers: Any = _key("int", 12, "number of blocks")
-    intermediate_size: Any = _key("int", 3072, "width of the MLP (of each half when gated)")
-    norm_type: Any = _key("norm", "layernorm", "layernorm or rmsnorm")
-    norm_eps: Any = _key("number", 1e-5, "epsilon of every norm (of the Mamba2 norm too, unless mamba2.norm_eps)")
-    norm_bias: Any = _key("bool", True, "LayerNorm has a bias")
-    norm_weight_offset: Any = _key(
-        "number>=0", 0.0, "RMSNorm scales by (offset + weight): 1 for Gemma, whose norm weights are stored as w - 1"
-    )
-    norm_layout: Any = _key(
-        "norm_layout", "pre", "pre: norm → sublayer; post: sublayer → norm (OLMo2); sandwich: both (Gemma 2, 3)"
-    )
-    hidden_act: Any = _key("str", "gelu", "MLP activation, a name in transformers' ACT2FN (gelu, silu, ...)")
-    mlp_bias: Any = _key("bool", True, "the MLP's linear layers have biases")
-    mlp_gated: Any = _key("bool", False, "gated MLP: fc1 rows are [up; gate], out = fc2(up * act(gate))")
-    parallel_residual: Any = _key("bool", True, "x + mixer(norm1(x)) + mlp(norm2(x)) (GPT-NeoX) instead of sequential")
-    num_attention_heads: Any = _key("int", 12, "query heads of the attention layers")
-    num_key_value_heads: Any = _key(
-        "int?", None, "key/value heads (grouped-query attention); null: num_attention_heads"
-    )
-    head_dim: Any = _key("int?", None, "width of an attention head; null: hidden_size / num_attention_heads")
-    attention_bias: Any = _key("bool", True, "q, k and v projections have biases")
-    attention_out_bias: Any = _key("bool", True, "the attention output projection (W_O) has a bias")
-    qk_norm: Any = _key("qk_norm", None, "norm q and k before RoPE: head (per head, Qwen3) or full (OLMo2); null: none")
-    attention_multiplier: Any = _key("number?", None, "softmax scale of q·k (Granite, Gemma); null: head_dim ** -0.5")
-    attn_logit_softcapping: Any = _key("number?", None, "cap · tanh(score / cap) on attention scores (Gemma 2)")
-    sliding_window: Any = _key("int?", None, "keys a sliding layer's query sees, itself included; null: none")
-    attention_types: Any = _key(
-        "attention_types", None, "per layer full_attention or sliding_attention; null: all slide when sliding_window"
-    )
-    position_embedding_type: Any = _key("positions", "rope", "rope, or learned absolute positions (GPT-2, OPT)")
-    position_embedding_offset: Any = _key("int>=0", 0, "rows of the learned position table before position 0 (OPT: 2)")
-    rope_interleaved: Any = _key("bool", False, "rotate dims in pairs (2k, 2k+1) as GPT-J, not in halves as Llama")
-    no_rope_layers: Any = _key("flags?", None, "per layer 1 = RoPE, 0 = no positions (SmolLM3, Llama 4); null: all")
-    sliding_rope_parameters: Any = _key(
-        "dict?", None, "RoPE of sliding layers (Gemma 3's local base); null: rope_parameters"
-    )
-    partial_rotary_factor: Any = _key("fraction?", None, "legacy: share of head_dim that RoPE rotates")
-    rope_theta: Any = _key("number?", None, "legacy: RoPE base; prefer rope_parameters")
-    rope_parameters: Any = _key(
-        "dict?", None, "transformers-style RoPE (rope_type, rope_theta, partial_rotary_factor, ...); null: default RoPE"
-    )
-    rope_scaling: Any = _key("dict?", None, "legacy alias of rope_parameters")
-    max_position_embeddings: Any = _key("int", 2048, "longest sequence the attention layers accept")
-    tie_word_embeddings: Any = _key("bool", False, "the LM head shares the embedding matrix")
-    lm_head_bias: Any = _key("bool", False, "the LM head has a bias (GPT-J)")
-    embedding_multiplier: Any = _key("number", 1.0, "embeddings are multiplied by it (Gemma: sqrt(hidden); Granite)")
-    residual_multiplier: Any = _key(
-        "number", 1.0, "each sublayer's output is multiplied by it before the add (Granite)"
-    )
-    logits_scaling: Any = _key("number", 1.0, "logits are divided by it (Granite)")
-    final_logit_softcapping: Any = _key("number?", None, "cap · tanh(logit / cap) on the logits (Gemma 2)")
-    initializer_range: Any = _key("number>=0", 0.02, "std of the default init of linear and embedding weights")
-    use_cache: Any = _key("bool", False, "generate() keeps a cache by default")
-    pad_token_id: Any = _key("token", None, "padding token id")
-    bos_token_id: Any = _key("token", None, "beginning-of-sequence token id")
-    eos_token_id: Any = _key("token", None, "end-of-sequence token id(s)")
-    layer_types: Annotated[Any, BeforeValidator(_derived_layer_types)] = Field(
-        default=None, description="not set here: derived from target.mixer and target.attention_layers"
-    )
-
-
-_TargetConfigKeys = TargetConfig
-TargetConfig = create_model(  # type: ignore[misc]  # the keys above plus one settings group per registered mixer
+# The keys of `target.config`, from the one declaration XatlConfig reads too (config_keys_xatl), then one settings
+# group per registered mixer (mixers_xatl).
+TargetConfig = create_model(  # type: ignore[misc]
     "TargetConfig",
-    __base__=_TargetConfigKeys,
-    __doc__=_TargetConfigKeys.__doc__,
+    __base__=_Strict,
+    __doc__="`target.config`: the keys of the xatl model config (XatlConfig); any other key is an error.",
+    **{name: (Any, _key(key.kind, key.default, key.meaning)) for name, key in _KEYS.MODEL_KEYS.items()},
     **{
         name: (model | None, Field(default=None, description=f"{MIXERS[name].title} mixer settings"))
         for name, model in MIXER_SETTINGS.items()
     },
+    layer_types=(
+        Annotated[Any, BeforeValidator(_derived_layer_types)],
+        Field(default=None, description="not set here: derived from target.mixer and target.attention_layers"),
+    ),
 )
 # The top-level keys a mapping or `--set` may give (layer_types is derived, never given).
 CONFIG_KEYS: tuple[str, ...] = tuple(name for name in TargetConfig.model_fields if name != "layer_types")

@@ -17,6 +17,15 @@ except ImportError:  # pragma: no cover
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .config_keys_xatl import (
+    ATTENTION_TYPES,
+    CONSTRUCTION_ONLY,
+    MODEL_KEYS,
+    NORM_LAYOUTS,
+    NORM_TYPES,
+    POSITION_EMBEDDINGS,
+    QK_NORMS,
+)
 from .mixers_xatl import (
     LAYER_TYPES,
     MIXERS,
@@ -54,14 +63,6 @@ def _register_layer_types_with_transformers() -> None:
 
 
 _register_layer_types_with_transformers()
-NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
-# Where a block's norms sit: "pre" norm → sublayer (Llama, GPT-NeoX); "post" sublayer → norm, added to the raw
-# stream (OLMo2); "sandwich" both (Gemma 2 and 3).
-NORM_LAYOUTS: tuple[str, ...] = ("pre", "post", "sandwich")
-QK_NORMS: tuple[str, ...] = ("head", "full")  # q/k norm over each head (Qwen3, Gemma 3) or the whole width (OLMo2)
-POSITION_EMBEDDINGS: tuple[str, ...] = ("rope", "learned")  # learned: absolute positions added to the embeddings
-ATTENTION_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")  # transformers' own names
-
 DEFAULT_ROPE_THETA = 10000.0
 # RoPE variants computed by transformers' own functions (`modeling_rope_utils.ROPE_INIT_FUNCTIONS`; "default" is a
 # method of each model's rotary class there, so ours is a copy of GPT-NeoX's). "dynamic" and "longrope" recompute
@@ -155,59 +156,36 @@ def _non_negative_int(key: str, value: Any) -> None:
         raise XatlConfigError(f"{key} must be an integer >= 0, got {_shown(value)}", key)
 
 
-# Every top-level key that XatlConfig.__init__ declares, with the check of its value on its own (the rules that
-# relate keys are in XatlConfig._check). Mappings and `--set` accept exactly these keys (xatl_convert's mapping
-# schema declares them again, without importing torch; a test holds the two equal).
-CONFIG_CHECKS: dict[str, Check] = {
-    "vocab_size": _positive_int(),
-    "hidden_size": _positive_int(),
-    "num_hidden_layers": _positive_int(MAX_LAYERS),
-    "intermediate_size": _positive_int(),
-    "layer_types": _layer_kinds,
-    "norm_type": _norm_type,
-    "norm_eps": _positive_number,
-    "norm_bias": _bool,
-    "norm_weight_offset": _non_negative_number,
+# The check of each kind of value (config_keys_xatl declares each key's kind once).
+KIND_CHECKS: dict[str, Check] = {
+    "int": _positive_int(),
+    "layers": _positive_int(MAX_LAYERS),
+    "int?": _optional(_positive_int()),
+    "int>=0": _non_negative_int,
+    "number": _positive_number,
+    "number?": _optional(_positive_number),
+    "number>=0": _non_negative_number,
+    "fraction?": _optional(_fraction),
+    "bool": _bool,
+    "norm": _norm_type,
     "norm_layout": _choice(NORM_LAYOUTS),
-    "hidden_act": _activation,
-    "mlp_bias": _bool,
-    "mlp_gated": _bool,
-    "parallel_residual": _bool,
-    "num_attention_heads": _positive_int(),
-    "num_key_value_heads": _optional(_positive_int()),
-    "head_dim": _optional(_positive_int()),
-    "attention_bias": _bool,
-    "attention_out_bias": _bool,
     "qk_norm": _choice(QK_NORMS, optional=True),
-    "attention_multiplier": _optional(_positive_number),
-    "attn_logit_softcapping": _optional(_positive_number),
-    "sliding_window": _optional(_positive_int()),
+    "positions": _choice(POSITION_EMBEDDINGS),
     "attention_types": _list_of(ATTENTION_TYPES),
-    "position_embedding_type": _choice(POSITION_EMBEDDINGS),
-    "position_embedding_offset": _non_negative_int,
-    "rope_interleaved": _bool,
-    "no_rope_layers": _list_of(None),
-    "sliding_rope_parameters": _settings,
-    "partial_rotary_factor": _optional(_fraction),
-    "rope_theta": _optional(_positive_number),
-    "rope_parameters": _settings,
-    "rope_scaling": _settings,
-    "max_position_embeddings": _positive_int(),
+    "flags?": _list_of(None),
+    "dict?": _settings,
+    "token": _token_id,
+    "activation": _activation,
+}
+# Every top-level key XatlConfig takes, with the check of its value on its own (the rules that relate keys are in
+# XatlConfig._check): the declared keys by their kind, layer_types, and each registered mixer's settings group.
+CONFIG_CHECKS: dict[str, Check] = {
+    **{key: KIND_CHECKS[declared.kind] for key, declared in MODEL_KEYS.items()},
+    "layer_types": _layer_kinds,
     **{name: _settings for name in MIXERS},  # each mixer's settings, as its registry entry declares them
-    "tie_word_embeddings": _bool,
-    "lm_head_bias": _bool,
-    "embedding_multiplier": _positive_number,
-    "residual_multiplier": _positive_number,
-    "logits_scaling": _positive_number,
-    "final_logit_softcapping": _optional(_positive_number),
-    "initializer_range": _non_negative_number,
-    "use_cache": _bool,
-    "pad_token_id": _token_id,
-    "bos_token_id": _token_id,
-    "eos_token_id": _token_id,
 }
 # Arguments read only at construction (legacy spellings and layer_types, checked on their own in _check).
-_CONSTRUCTION_ONLY = ("layer_types", "partial_rotary_factor", "rope_theta", "rope_scaling")
+_CONSTRUCTION_ONLY = ("layer_types", *CONSTRUCTION_ONLY)
 # What a too-large parameter count can come from, in the order a caller should suspect them.
 _SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size",
               *(key for spec in MIXERS.values() for key in spec.size_keys))  # fmt: skip
@@ -256,127 +234,44 @@ class XatlConfig(PreTrainedConfig):
 
     model_type = "xatl"
 
-    def __init__(
-        self,
-        vocab_size: int = 50304,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        intermediate_size: int = 3072,
-        layer_types: list[str] | None = None,
-        norm_type: str = "layernorm",
-        norm_eps: float = 1e-5,
-        norm_bias: bool = True,
-        norm_weight_offset: float = 0.0,
-        norm_layout: str = "pre",
-        hidden_act: str = "gelu",
-        mlp_bias: bool = True,
-        mlp_gated: bool = False,
-        parallel_residual: bool = True,
-        num_attention_heads: int = 12,
-        num_key_value_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_bias: bool = True,
-        attention_out_bias: bool = True,
-        qk_norm: str | None = None,
-        attention_multiplier: float | None = None,
-        attn_logit_softcapping: float | None = None,
-        sliding_window: int | None = None,
-        attention_types: list[str] | None = None,
-        position_embedding_type: str = "rope",
-        position_embedding_offset: int = 0,
-        rope_interleaved: bool = False,
-        no_rope_layers: list[int] | None = None,
-        sliding_rope_parameters: dict[str, Any] | None = None,
-        partial_rotary_factor: float | None = None,
-        rope_theta: float | None = None,
-        rope_parameters: dict[str, Any] | None = None,
-        rope_scaling: dict[str, Any] | None = None,
-        max_position_embeddings: int = 2048,
-        tie_word_embeddings: bool = False,
-        lm_head_bias: bool = False,
-        embedding_multiplier: float = 1.0,
-        residual_multiplier: float = 1.0,
-        logits_scaling: float = 1.0,
-        final_logit_softcapping: float | None = None,
-        initializer_range: float = 0.02,
-        use_cache: bool = False,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        """Each key of `MODEL_KEYS` (its default where not given), `layer_types`, each registered mixer's settings
+        group (`mamba`, `mamba2`, `gated_deltanet`, ...), and transformers' own keys, all as keywords."""
         # Before any value is used: `hidden_size // num_attention_heads` or `[...] * num_hidden_layers` must not be
-        # where a bad value first shows. locals() here holds exactly the arguments.
-        # Each mixer's settings (`mamba`, `mamba2`, `gated_deltanet`, ...) come as keyword arguments named by the
-        # registry, so a new mixer adds no argument here.
+        # where a bad value first shows. Checked in the declared order, so the first bad key given is named.
+        values = {key: kwargs.pop(key, copy.deepcopy(declared.default)) for key, declared in MODEL_KEYS.items()}
+        layer_types = kwargs.pop("layer_types", None)
         mixer_settings = {name: kwargs.pop(name, None) for name in MIXERS}
-        arguments = {key: value for key, value in locals().items() if key not in ("self", "kwargs", "mixer_settings")}
-        check_config_values({**arguments, **mixer_settings})
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.intermediate_size = intermediate_size
-        self.norm_type = norm_type
-        self.norm_eps = norm_eps
-        self.norm_bias = norm_bias
-        self.norm_weight_offset = norm_weight_offset
-        self.norm_layout = norm_layout
-        self.hidden_act = hidden_act
-        self.mlp_bias = mlp_bias
-        self.mlp_gated = mlp_gated
-        self.parallel_residual = parallel_residual
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.attention_bias = attention_bias
-        self.attention_out_bias = attention_out_bias
-        self.qk_norm = qk_norm
-        self.attention_multiplier = attention_multiplier
-        self.attn_logit_softcapping = attn_logit_softcapping
-        self.sliding_window = sliding_window
-        self.attention_types = list(attention_types) if attention_types is not None else None
-        self.position_embedding_type = position_embedding_type
-        self.position_embedding_offset = position_embedding_offset
-        self.rope_interleaved = rope_interleaved
-        self.no_rope_layers = list(no_rope_layers) if no_rope_layers is not None else None
-        self.sliding_rope_parameters = (
-            None
-            if sliding_rope_parameters is None
-            else self._build_rope_parameters(sliding_rope_parameters, None, None)
-        )
-        self.lm_head_bias = lm_head_bias
-        self.embedding_multiplier = embedding_multiplier
-        self.residual_multiplier = residual_multiplier
-        self.logits_scaling = logits_scaling
-        self.final_logit_softcapping = final_logit_softcapping
-        self.max_position_embeddings = max_position_embeddings
+        check_config_values({**values, "layer_types": layer_types, **mixer_settings})
+        stored = {key: value for key, value in values.items() if key not in CONSTRUCTION_ONLY}
+        token_ids = {key: stored.pop(key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        head_dim = stored.pop("head_dim")
+        for key, value in stored.items():
+            setattr(
+                self, key, list(value) if isinstance(value, list | tuple) else value
+            )  # the caller's list kept apart
+        self.num_key_value_heads = values["num_key_value_heads"] or values["num_attention_heads"]
+        if self.sliding_rope_parameters is not None:
+            self.sliding_rope_parameters = self._build_rope_parameters(self.sliding_rope_parameters, None, None)
         # Set before super().__init__, which standardises it (e.g. fills llama3/yarn/longrope's
         # `original_max_position_embeddings` from max_position_embeddings when absent) and validates it.
-        self.rope_parameters = self._build_rope_parameters(
-            rope_parameters if rope_parameters is not None else rope_scaling, rope_theta, partial_rotary_factor
-        )
-        sizes = {"hidden_size": hidden_size, "num_attention_heads": num_attention_heads, "head_dim": head_dim}
+        rope = values["rope_parameters"] if values["rope_parameters"] is not None else values["rope_scaling"]
+        self.rope_parameters = self._build_rope_parameters(rope, values["rope_theta"], values["partial_rotary_factor"])
+        hidden_size, heads = values["hidden_size"], values["num_attention_heads"]
+        sizes = {"hidden_size": hidden_size, "num_attention_heads": heads, "head_dim": head_dim}
         for name, given in mixer_settings.items():
             setattr(self, name, MIXERS[name].merge(given, sizes))
-        self.initializer_range = initializer_range
-        self.use_cache = use_cache
-        self.tie_word_embeddings = tie_word_embeddings
         try:
-            super().__init__(
-                pad_token_id=pad_token_id,
-                bos_token_id=bos_token_id,
-                eos_token_id=eos_token_id,
-                tie_word_embeddings=tie_word_embeddings,
-                **kwargs,
-            )
+            super().__init__(**token_ids, tie_word_embeddings=values["tie_word_embeddings"], **kwargs)
         except KeyError as error:  # transformers' RoPE validation raises KeyError for missing rope_parameters keys
             raise XatlConfigError(
                 f"invalid rope_parameters {self.rope_parameters}: {error}", "rope_parameters"
             ) from error
         # Set after super().__init__: transformers 5 rewrites a config's `layer_types` there into its own
         # vocabulary ("mamba" → "linear_attention", "attention" → "full_attention"), which would lose ours.
-        self.layer_types = list(layer_types) if layer_types is not None else ["mamba"] * num_hidden_layers
+        self.layer_types = list(layer_types) if layer_types is not None else ["mamba"] * values["num_hidden_layers"]
         # Also after super().__init__, whose RoPE validation rejects an odd head_dim; see `validate`.
-        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.head_dim = head_dim or hidden_size // heads
         self.validate()
 
     @property
