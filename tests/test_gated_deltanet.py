@@ -158,3 +158,16 @@ def test_mixer_equals_transformers_qwen3_next_gated_deltanet_layer() -> None:
         x = torch.randn(2, 37, hidden)
         want, got = theirs(x), ours(x)
     assert (got - want).norm() / want.norm() < 1e-5
+
+
+@pytest.mark.parametrize("format", ["granitemoehybrid", "bamba", "mamba-ssm", "gguf"])
+def test_formats_that_do_not_hold_gated_deltanet_refuse_it_by_the_registry(tmp_path: Path, format: str) -> None:
+    """Export fit is an allow-list: a format that the mixer's registry entry does not name refuses it, with the
+    formats that can hold it, and writes nothing."""
+    from xatl_convert.export import ExportError, export_folder
+
+    source_dir = save_source(tmp_path / "llama", "llama-gqa-untied")
+    convert(source_dir, tmp_path / "gdn", to="gated-deltanet")
+    with pytest.raises(ExportError, match=rf"Gated DeltaNet layers, which {format} cannot hold .*qwen3_next"):
+        export_folder(tmp_path / "gdn", tmp_path / "out", format)
+    assert not (tmp_path / "out").exists()

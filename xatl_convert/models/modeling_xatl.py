@@ -551,6 +551,15 @@ class XatlMamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
 
+    @torch.no_grad()
+    def init_own_parameters(self, config: XatlConfig) -> None:
+        """mamba-ssm's init: S4D-real A = -(1..d_state) in every channel, D = 1 (dt_proj has its own role)."""
+        if _fresh(self.A_log):
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(a).expand(self.d_inner, -1))
+        if _fresh(self.D):
+            nn.init.ones_(self.D)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -689,6 +698,19 @@ class XatlMamba2(nn.Module):
         )
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=m["out_proj_bias"])
         setattr(self.out_proj, _INIT_ROLE, _RESIDUAL_OUT)
+
+    @torch.no_grad()
+    def init_own_parameters(self, config: XatlConfig) -> None:
+        """mamba-ssm's init: dt log-uniform in [dt_min, dt_max] (floored), dt_bias = softplus⁻¹(dt); A ~ U(A_init_range)
+        per head; D = 1."""
+        m = config.mamba2
+        if _fresh(self.dt_bias):
+            self.dt_bias.copy_(_inverse_softplus_dt(self.nheads, m, self.dt_bias.device))
+        if _fresh(self.A_log):
+            a = torch.empty(self.nheads, dtype=torch.float32, device=self.A_log.device).uniform_(*m["A_init_range"])
+            self.A_log.copy_(torch.log(a))
+        if _fresh(self.D):
+            nn.init.ones_(self.D)
 
     def forward(
         self,
@@ -1019,23 +1041,7 @@ def init_xatl_weights(module: nn.Module, config: XatlConfig) -> None:
             nn.init.constant_(module.weight, 1.0 - getattr(module, "weight_offset", 0.0))
         if _fresh(getattr(module, "bias", None)):
             nn.init.zeros_(module.bias)
-    elif isinstance(module, XatlMamba):
-        if _fresh(module.A_log):  # S4D-real: A = -(1..d_state) in every channel
-            a = torch.arange(1, module.d_state + 1, dtype=torch.float32, device=module.A_log.device)
-            module.A_log.copy_(torch.log(a).expand(module.d_inner, -1))
-        if _fresh(module.D):
-            nn.init.ones_(module.D)
-    elif isinstance(module, XatlMamba2):
-        m = config.mamba2
-        if _fresh(module.dt_bias):  # dt log-uniform in [dt_min, dt_max], floored; dt_bias = softplus^-1(dt)
-            module.dt_bias.copy_(_inverse_softplus_dt(module.nheads, m, module.dt_bias.device))
-        if _fresh(module.A_log):  # A ~ U(A_init_range) per head
-            a = torch.empty(module.nheads, dtype=torch.float32, device=module.A_log.device).uniform_(*m["A_init_range"])
-            module.A_log.copy_(torch.log(a))
-        if _fresh(module.D):
-            nn.init.ones_(module.D)
-
-    elif hasattr(module, "init_own_parameters"):  # a mixer that owns its init (Gated DeltaNet, later ones)
+    elif isinstance(module, tuple(MIXER_MODULES.values())):  # each mixer initialises its own parameters
         module.init_own_parameters(config)
 
 
