@@ -132,14 +132,21 @@ def test_all_attention_conversion_reproduces_the_family_logits(family: str, tmp_
     assert report.passed, report
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "gated_deltanet"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pure_lci_conversion_of_the_family_verifies(family: str, mixer: str, tmp_path: Path) -> None:
     source = save_family(tmp_path / "source", family)
     plan = convert(source, tmp_path / "out", to=mixer)
     assert plan.target_config.layer_types == [mixer] * plan.target_config.num_hidden_layers
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["mapping"]["name"].endswith(f"-to-{mixer}")
+    assert manifest["mapping"]["name"].endswith(f"-to-{mixer.replace('_', '-')}")
+    if mixer == "gated_deltanet":  # linear attention: the attention's W_Q, W_K and W_V fill its q, k, v rows
+        parts = manifest["tensors"]["model.layers.0.mixer.in_proj.weight"].get("parts", [])
+        assert [part["part"] for part in parts] == ["q", "k", "v"] or sorted(p["part"] for p in parts) == [
+            "k",
+            "q",
+            "v",
+        ]
     assert verify(tmp_path / "out", source, max_tokens=48).passed
 
 
