@@ -37,6 +37,7 @@ def test_pure_mamba_conversion_writes_weights_config_manifest_and_card(neox_chec
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
         "config.json",
+        "config_keys_xatl.py",
         "configuration_xatl.py",
         "delta_rule_xatl.py",
         "generation_config.json",

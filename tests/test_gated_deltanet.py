@@ -88,7 +88,7 @@ def test_convert_to_gated_deltanet_from_the_command_line(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert "gated_deltanet" in result.output
     unknown = CliRunner().invoke(app, ["convert", str(source_dir), "--to", "deltanet", "--out", str(tmp_path / "x")])
-    assert unknown.exit_code != 0 and "gated_deltanet" in unknown.output and not (tmp_path / "x").exists()
+    assert unknown.exit_code != 0 and "gated-deltanet" in unknown.output and not (tmp_path / "x").exists()
 
 
 def _tiny(layer_types: list[str], **settings: object) -> XatlConfig:
