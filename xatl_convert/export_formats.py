@@ -9,7 +9,7 @@ EXPORT_FORMATS: dict[str, str] = {
     "bamba": "transformers, vLLM",
     "mamba-ssm": "mamba-ssm, CUDA",
     "gguf": "llama.cpp, Ollama, LM Studio",
-    "qwen3_next": "transformers, vLLM, SGLang",
+    "qwen3_next": "transformers",
 }
 
 
