@@ -2,10 +2,11 @@
 cache, kernel dispatch, verify and the exports read.
 
 An entry says everything about a mixer that is not its PyTorch code: its config settings (default, kind, meaning,
-check), the cross-key rules, its derived dimensions, the named row blocks of its fused tensors (which `part:` rules
-fill), its generation state shapes, the kernel functions of its kernel path (and where the packages keep them), the
-attention parts it can take over, and the export formats that hold it (an allow-list: a format not named here
-refuses the mixer). Its module is the class of that name in modeling_xatl, which owns its init.
+check), the cross-key rules, its derived dimensions, the named row blocks of its fused tensors (the transfers it
+accepts: a `part:` rule may fill only a block declared here, e.g. Gated DeltaNet's q, k, v from W_Q, W_K, W_V), its
+generation state shapes, the kernel functions of its kernel path (and where the packages keep them), and the export
+formats that hold it (an allow-list: a format not named here refuses the mixer). Its module is the class of that
+name in modeling_xatl, which owns its init.
 
 Self-contained (the stdlib only, no torch): copied into every converted folder beside configuration_xatl, and read
 by the mapping schema without importing torch.
@@ -140,7 +141,6 @@ class MixerSpec:
     parameters: Callable[[dict[str, Any], Sizes], int]  # per layer, roughly: what a too-large config is told
     kernels: dict[str, tuple[str, str]]  # kernel function → (package, module inside it) that defines it
     scan_kernel: str  # the function whose presence means real kernels serve this mixer
-    takes: tuple[str, ...]  # attention parts it can take over: q, k, v (in_proj parts), o (out_proj)
     formats: tuple[str, ...]  # export formats that hold it
     resolve: Callable[[dict[str, Any], Sizes], dict[str, Any]] = lambda settings, sizes: settings
     validate: Callable[[dict[str, Any], Sizes], None] = lambda settings, sizes: None
@@ -255,7 +255,6 @@ MAMBA = MixerSpec(
         "selective_state_update": ("mamba_ssm", "ops.triton.selective_state_update"),
     },
     scan_kernel="selective_scan_fn",
-    takes=("o",),
     formats=("mamba-ssm",),
     resolve=_mamba_resolve,
     size_keys=("mamba.d_state", "mamba.expand", "mamba.d_conv"),
@@ -360,7 +359,6 @@ MAMBA2 = MixerSpec(
         "mamba_chunk_scan_combined": ("mamba_ssm", "ops.triton.ssd_combined"),
     },
     scan_kernel="mamba_chunk_scan_combined",
-    takes=("q", "k", "v", "o"),
     formats=("granitemoehybrid", "bamba", "mamba-ssm", "gguf"),
     validate=_mamba2_validate,
     size_keys=("mamba2.d_state", "mamba2.expand", "mamba2.ngroups", "mamba2.d_conv"),
@@ -445,7 +443,6 @@ GATED_DELTANET = MixerSpec(
         "fused_recurrent_gated_delta_rule": ("fla", "ops.gated_delta_rule"),
     },
     scan_kernel="chunk_gated_delta_rule",
-    takes=("q", "k", "v", "o"),
     formats=("qwen3_next",),
     resolve=_gdn_resolve,
     validate=_gdn_validate,
