@@ -7,6 +7,8 @@ same held-out split). Four students, each converted from the teacher by `xatl co
   gated_deltanet-paper   the same with layers 1 and N/2-1 kept as attention (the XATL paper's hybrid)
   mamba2                 pure Mamba2 with the attention-informed init (V → x, K → B, Q → C, O → out_proj)
   mamba2-paper           the same, paper hybrid
+  gated_deltanet-no-qkv  pure Gated DeltaNet with `--set options.transfer_attention_qkv=false`: W_O only (the
+                         ablation that says whether moving W_Q, W_K, W_V pays)
 
 Each is scored before training (the start loss: what the transfer alone gives) and trained with one recipe at one
 token budget (`distill_bench`'s arm f: align, the second half on whole blocks, then kd with the transferred
@@ -34,6 +36,7 @@ STUDENTS = {
     "gated_deltanet-paper": ("gated_deltanet", "paper"),
     "mamba2": ("mamba2", "none"),
     "mamba2-paper": ("mamba2", "paper"),
+    "gated_deltanet-no-qkv": ("gated_deltanet", "none"),  # the ablation: W_O only, q, k, v rows initialised
 }
 
 
@@ -45,6 +48,8 @@ def student(teacher: Path, name: str, root: Path) -> Path:
     if not folder.exists():
         mixer, attn_layers = STUDENTS[name]
         overrides = {"options.attention_init": True} if mixer == "mamba2" else {}
+        if name.endswith("-no-qkv"):
+            overrides = {"options.transfer_attention_qkv": False}
         convert(teacher, folder, to=mixer, attn_layers=attn_layers, overrides=overrides)
     return folder
 
@@ -91,6 +96,7 @@ def report(root: Path, steps: int, teacher: Path, other: Path) -> None:
             "student": name,
             "mixer": STUDENTS[name][0],
             "attention_layers": STUDENTS[name][1],
+            "qkv_transferred": not name.endswith("-no-qkv"),
             "tokens": int(end["tokens"]),
             "start": start["held_out_loss"],
             "end": end["held_out_loss"],
