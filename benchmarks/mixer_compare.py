@@ -9,6 +9,8 @@ same held-out split). Four students, each converted from the teacher by `xatl co
   mamba2-paper           the same, paper hybrid
   gated_deltanet-no-qkv  pure Gated DeltaNet with `--set options.transfer_attention_qkv=false`: W_O only (the
                          ablation that says whether moving W_Q, W_K, W_V pays)
+  gated_deltanet-identity-conv  pure, W_Q, W_K, W_V moved and `--set options.conv_identity_init=true`: the short
+                         conv starts as a pass-through, so the moved projections are not mixed by a random filter
 
 Each is scored before training (the start loss: what the transfer alone gives) and trained with one recipe at one
 token budget (`distill_bench`'s arm f: align, the second half on whole blocks, then kd with the transferred
@@ -37,6 +39,11 @@ STUDENTS = {
     "mamba2": ("mamba2", "none"),
     "mamba2-paper": ("mamba2", "paper"),
     "gated_deltanet-no-qkv": ("gated_deltanet", "none"),  # the ablation: W_O only, q, k, v rows initialised
+    "gated_deltanet-identity-conv": ("gated_deltanet", "none"),  # W_Q, W_K, W_V moved, conv a pass-through
+}
+OVERRIDES = {
+    "gated_deltanet-no-qkv": {"options.transfer_attention_qkv": False},
+    "gated_deltanet-identity-conv": {"options.conv_identity_init": True},
 }
 
 
@@ -47,9 +54,7 @@ def student(teacher: Path, name: str, root: Path) -> Path:
     folder = root / f"{name}-converted"
     if not folder.exists():
         mixer, attn_layers = STUDENTS[name]
-        overrides = {"options.attention_init": True} if mixer == "mamba2" else {}
-        if name.endswith("-no-qkv"):
-            overrides = {"options.transfer_attention_qkv": False}
+        overrides = {"options.attention_init": True} if mixer == "mamba2" else OVERRIDES.get(name, {})
         convert(teacher, folder, to=mixer, attn_layers=attn_layers, overrides=overrides)
     return folder
 
@@ -97,6 +102,7 @@ def report(root: Path, steps: int, teacher: Path, other: Path) -> None:
             "mixer": STUDENTS[name][0],
             "attention_layers": STUDENTS[name][1],
             "qkv_transferred": not name.endswith("-no-qkv"),
+            "overrides": OVERRIDES.get(name, {}),
             "tokens": int(end["tokens"]),
             "start": start["held_out_loss"],
             "end": end["held_out_loss"],

@@ -585,6 +585,8 @@ class _Planner:
 
     def _init_rule_for(self, name: str) -> InitRule | None:
         for rule in self.mapping.init:
+            if rule.when is not None and not self.mapping.options.get(rule.when, False):
+                continue  # its option is off: the next rule that matches decides
             match = _layer_regex(rule.target).fullmatch(name)
             if match and self._matches_layer(match, rule.where):
                 return rule
@@ -606,6 +608,9 @@ class _Planner:
             if copied is not None:
                 return copied
             strategy = "default"
+        if strategy == "identity_conv" and len(self.target_shapes[name]) != 3:
+            raise PlanError(f"{rule.location}: strategy identity_conv is for a depthwise conv weight (channels, 1, "
+                            f"width); {name} has shape {list(self.target_shapes[name])}")  # fmt: skip
         return PlannedTensor(
             name=name,
             shape=self.target_shapes[name],

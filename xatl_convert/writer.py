@@ -229,6 +229,9 @@ class TensorProducer:
             tensor = torch.zeros(planned.shape)
         elif planned.strategy == "ones":
             tensor = torch.ones(planned.shape)
+        elif planned.strategy == "identity_conv":  # (channels, 1, width): out[t] = in[t], a causal pass-through
+            tensor = torch.zeros(planned.shape)
+            tensor[..., -1] = 1.0
         else:
             tensor = self._initialised(planned)
         if planned.parts:

@@ -46,7 +46,9 @@ MIXERS = _model_module("mixers_xatl").MIXERS
 LayerType = Literal[("attention", *MIXERS, "lci")]  # type: ignore[valid-type]  # lci: every layer with an LCI mixer
 Mixer = Literal[tuple(MIXERS)]  # type: ignore[valid-type]
 TensorGroup = Literal["embeddings", "norms", "mlp", "attention", "w_o", "lm_head", "mixer"]
-InitStrategy = Literal["default", "zeros", "ones", "copy"]
+# identity_conv: a short causal conv that passes its input through (last tap 1, the others 0), so that projections
+# moved in front of it (Gated DeltaNet's q, k, v) reach the mixer unchanged but for the activation.
+InitStrategy = Literal["default", "zeros", "ones", "copy", "identity_conv"]
 ExpressionText = Annotated[str, Field(pattern=r"^\s*\$\{.*\}\s*$")]
 IntOrExpression = int | ExpressionText
 
@@ -125,6 +127,7 @@ class InitRule(_Located):
     where: LayerType | None = None
     strategy: InitStrategy = "default"
     source: str | None = Field(default=None, description="with strategy copy: the source tensor ({i} and * allowed)")
+    when: str | None = Field(default=None, description="name of a boolean option that enables this rule")
 
     @model_validator(mode="after")
     def _consistent(self) -> InitRule:
@@ -305,7 +308,7 @@ class Mapping(_Strict):
 
     @model_validator(mode="after")
     def _options_exist(self) -> Mapping:
-        for rule in self.rules:
+        for rule in [*self.rules, *self.init]:
             if rule.when is not None and rule.when not in self.options:
                 raise ValueError(f"rule for {rule.target!r} uses option {rule.when!r}, which 'options' does not define")
         return self
