@@ -369,6 +369,10 @@ def _install_fake_causal_conv1d(monkeypatch: pytest.MonkeyPatch, calls: list[str
 def test_an_installed_kernel_serves_cuda_tensors_only_through_transformers_mechanism(monkeypatch) -> None:
     calls: list[str] = []
     _install_fake_causal_conv1d(monkeypatch, calls)
+    hub_kernels = importlib.import_module("transformers.integrations.hub_kernels")
+    if hasattr(hub_kernels, "_PACKAGE_SUPPORTED_DEVICES"):  # transformers >= 5.25 also routes by the inputs' device:
+        # let the fake package take these CPU tensors, as the real one takes CUDA tensors
+        monkeypatch.setitem(hub_kernels._PACKAGE_SUPPORTED_DEVICES, "causal_conv1d", ("cuda", "cpu"))
     on_cuda, on_cpu = kx.kernel_set("cuda"), kx.kernel_set("cpu")
     assert on_cuda.sources["causal_conv1d_fn"] == "causal_conv1d"
     assert on_cuda.sources["selective_scan_fn"] == "stand-in"  # mamba-ssm is not installed: per function
