@@ -11,6 +11,8 @@ same held-out split). Four students, each converted from the teacher by `xatl co
                          ablation that says whether moving W_Q, W_K, W_V pays)
   gated_deltanet-identity-conv  pure, W_Q, W_K, W_V moved and `--set options.conv_identity_init=true`: the short
                          conv starts as a pass-through, so the moved projections are not mixed by a random filter
+  gated_deltanet-paper-identity-conv  the same, paper hybrid
+(the first three Gated DeltaNet students keep the conv's own random init: `conv_identity_init=false`)
 
 Each is scored before training (the start loss: what the transfer alone gives) and trained with one recipe at one
 token budget (`distill_bench`'s arm f: align, the second half on whole blocks, then kd with the transferred
@@ -40,10 +42,16 @@ STUDENTS = {
     "mamba2-paper": ("mamba2", "paper"),
     "gated_deltanet-no-qkv": ("gated_deltanet", "none"),  # the ablation: W_O only, q, k, v rows initialised
     "gated_deltanet-identity-conv": ("gated_deltanet", "none"),  # W_Q, W_K, W_V moved, conv a pass-through
+    "gated_deltanet-paper-identity-conv": ("gated_deltanet", "paper"),
 }
+# Each Gated DeltaNet student's options, spelt out so that a change of the mappings' defaults cannot relabel a row.
+_RANDOM_CONV, _IDENTITY_CONV = {"options.conv_identity_init": False}, {"options.conv_identity_init": True}
 OVERRIDES = {
-    "gated_deltanet-no-qkv": {"options.transfer_attention_qkv": False},
-    "gated_deltanet-identity-conv": {"options.conv_identity_init": True},
+    "gated_deltanet": _RANDOM_CONV,
+    "gated_deltanet-paper": _RANDOM_CONV,
+    "gated_deltanet-no-qkv": {"options.transfer_attention_qkv": False, **_RANDOM_CONV},
+    "gated_deltanet-identity-conv": _IDENTITY_CONV,
+    "gated_deltanet-paper-identity-conv": _IDENTITY_CONV,
 }
 
 

@@ -175,11 +175,11 @@ def test_formats_that_do_not_hold_gated_deltanet_refuse_it_by_the_registry(tmp_p
 
 
 def test_conv_identity_init_passes_the_moved_projections_through_the_short_conv(tmp_path: Path) -> None:
-    """With `options.conv_identity_init`, the conv starts as a causal pass-through, so the mixer's q is silu(W_Q x):
-    the transferred projection itself, not a random mix of the last d_conv tokens."""
+    """With `options.conv_identity_init` (on by default), the conv starts as a causal pass-through, so the mixer's q is
+    silu(W_Q x): the transferred projection itself, not a random mix of the last d_conv tokens."""
     source_dir = save_source(tmp_path / "llama", "llama-gqa-untied")
     out = tmp_path / "out"
-    convert(source_dir, out, to="gated-deltanet", overrides={"options.conv_identity_init": True})
+    convert(source_dir, out, to="gated-deltanet")
     conv = load_file(out / "model.safetensors")["model.layers.0.mixer.conv1d.weight"]
     assert torch.equal(conv[..., -1], torch.ones_like(conv[..., -1])) and not conv[..., :-1].any()
     assert read_manifest(out)["tensors"]["model.layers.0.mixer.conv1d.weight"]["strategy"] == "identity_conv"
@@ -191,9 +191,9 @@ def test_conv_identity_init_passes_the_moved_projections_through_the_short_conv(
         qkv = mixer.in_proj(x)[..., : mixer.conv_dim].transpose(1, 2)
         conv_out = torch.nn.functional.silu(mixer.conv1d(qkv)[..., :5]).transpose(1, 2)
     assert torch.allclose(conv_out[..., : HEADS * HEAD_DIM], torch.nn.functional.silu(x @ q_proj.T), atol=1e-6)
-    # off by default: the conv keeps its own (random) init
-    convert(source_dir, tmp_path / "default", to="gated-deltanet")
-    assert load_file(tmp_path / "default" / "model.safetensors")["model.layers.0.mixer.conv1d.weight"][..., :-1].any()
+    # turned off, the conv keeps its own (random) init
+    convert(source_dir, tmp_path / "off", to="gated-deltanet", overrides={"options.conv_identity_init": False})
+    assert load_file(tmp_path / "off" / "model.safetensors")["model.layers.0.mixer.conv1d.weight"][..., :-1].any()
 
 
 def test_identity_conv_on_a_tensor_that_is_no_conv_is_refused_naming_the_rule(tmp_path: Path) -> None:
@@ -208,6 +208,5 @@ def test_identity_conv_on_a_tensor_that_is_no_conv_is_refused_naming_the_rule(tm
     mapping = tmp_path / "mine.yaml"
     mapping.write_text(text)
     with pytest.raises(PlanError, match=r"mine.yaml:\d+: strategy identity_conv is for a depthwise conv weight"):
-        convert(source_dir, tmp_path / "out", to="gated-deltanet", mapping=mapping,
-                overrides={"options.conv_identity_init": True})  # fmt: skip
+        convert(source_dir, tmp_path / "out", to="gated-deltanet", mapping=mapping)
     assert not (tmp_path / "out").exists()
