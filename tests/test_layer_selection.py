@@ -59,7 +59,8 @@ def selection(world: Path):
 def test_the_layer_whose_restoration_matters_most_ranks_first_and_is_picked_first(selection) -> None:
     assert [entry.layer for entry in selection.scores] == list(range(LAYERS))  # every layer measured
     ranking = selection.ranking()
-    assert ranking[0].layer == LOUD and ranking[0].score > 1.5 * ranking[1].score > 0, ranking
+    # the loud layer first, clearly (the runner-up's score may be near zero either way: the text is the repo's docs)
+    assert ranking[0].layer == LOUD and ranking[0].score > max(1.5 * ranking[1].score, 0.05), ranking
     for entry in selection.scores:  # a score is the measured KL drop from the all-LCI student
         assert entry.score == pytest.approx(selection.baseline_kl - entry.kl)
     assert selection.picks[0].layer == LOUD and len(selection.chosen) == 2
