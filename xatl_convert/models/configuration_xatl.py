@@ -26,18 +26,13 @@ from .config_keys_xatl import (
     POSITION_EMBEDDINGS,
     QK_NORMS,
 )
-from .mixers_xatl import (
-    LAYER_TYPES,
-    MIXERS,
-    Check,
-    XatlConfigError,
-    boolean,
-    is_int,
-    is_number,
-    optional,
-    positive_int,
-    positive_number,
-)
+from .mixers_xatl import LAYER_TYPES, MIXERS, Check, XatlConfigError
+from .mixers_xatl import boolean as _bool
+from .mixers_xatl import is_int as _is_int
+from .mixers_xatl import is_number as _is_number
+from .mixers_xatl import optional as _optional
+from .mixers_xatl import positive_int as _positive_int
+from .mixers_xatl import positive_number as _positive_number
 from .mixers_xatl import shown as _shown
 
 
@@ -76,9 +71,6 @@ MAMBA2_DEFAULTS: dict[str, Any] = MIXERS["mamba2"].defaults
 
 MAX_LAYERS = 4096
 MAX_PARAMETERS = 2**41  # ~2.2e12, above the largest dense model
-_is_int, _is_number, _positive_int, _optional, _positive_number, _bool = (
-    is_int, is_number, positive_int, optional, positive_number, boolean
-)  # fmt: skip
 
 
 def _non_negative_number(key: str, value: Any) -> None:

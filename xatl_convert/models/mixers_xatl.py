@@ -169,8 +169,7 @@ class MixerSpec:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise XatlConfigError(f"unknown {self.name} config keys {unknown}{hint}; known: {sorted(self.settings)}",
                                   *(f"{self.name}.{key}" for key in unknown))  # fmt: skip
-        merged = {**self.defaults, **{key: _plain(value) for key, value in (given or {}).items()}}
-        merged = {key: _plain(value) for key, value in merged.items()}  # a tuple would not survive JSON
+        merged = {key: _plain(value) for key, value in {**self.defaults, **(given or {})}.items()}
         self.check_values(merged)
         return self.resolve(merged, sizes)
 
@@ -186,7 +185,8 @@ class MixerSpec:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    """A list of its own (a tuple would not survive JSON; a shared default list must not be changed through one)."""
+    return list(value) if isinstance(value, list | tuple) else value
 
 
 def _dt_settings() -> dict[str, Setting]:
