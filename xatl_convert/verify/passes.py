@@ -49,6 +49,9 @@ class Bounds:
     1.5e-5 (hybrid) and 4.3e-5 (pure Mamba2), the same at every length from 1024 on. So float64 is no tighter for
     an export. Each bound is 10x the worst measured, rounded up; real export bugs (a wrong RoPE theta or norm eps in
     the config, a zeroed D, conv taps reversed) give 1.1 and more, over 2000x the bound.
+    A format whose class computes a mixer in another order can exceed `export` on a deep model by rounding alone
+    (Qwen3-Next's chunked delta rule: 4.3e-4 on SmolLM2-135M, as far from float64 as the xatl model's own float32
+    pass); `export_logits.RoundingFloor` then measures that floor in the same run and judges the export by it.
     """
 
     twin: float
