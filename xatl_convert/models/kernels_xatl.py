@@ -27,6 +27,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .delta_rule_xatl import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .mixers_xatl import KERNEL_MODULES as REGISTERED_KERNELS
 from .mixers_xatl import MIXERS
 from .scans_xatl import selective_scan_chunked, ssd_chunk_scan_reference
@@ -355,15 +355,23 @@ def mamba_chunk_scan_combined(
     return (y, final.float()) if return_final_states else y
 
 
-STAND_INS: dict[str, Callable[..., Any]] = {
-    "causal_conv1d_fn": causal_conv1d_fn,
-    "causal_conv1d_update": causal_conv1d_update,
-    "selective_scan_fn": selective_scan_fn,
-    "selective_state_update": selective_state_update,
-    "mamba_chunk_scan_combined": mamba_chunk_scan_combined,
-    "chunk_gated_delta_rule": chunk_gated_delta_rule,
-    "fused_recurrent_gated_delta_rule": fused_recurrent_gated_delta_rule,
-}
+def _stand_ins() -> dict[str, Callable[..., Any]]:
+    """Every registered kernel's stand-in: the function of its name in the file its mixer's entry names
+    (`MixerSpec.stand_ins`), the shared causal-conv1d ones in this one. A mixer declares its stand-ins there, not here.
+    """
+    found: dict[str, Callable[..., Any]] = {}
+    for spec in MIXERS.values():
+        module = sys.modules[__name__] if spec.stand_ins == __name__.rpartition(".")[2] else None
+        module = module or importlib.import_module(f".{spec.stand_ins}", __package__)
+        for name in spec.kernels:
+            stand_in = getattr(module, name, None) or globals().get(name)
+            if stand_in is None:
+                raise ImportError(f"{spec.title}: no stand-in named {name} in {spec.stand_ins}.py or kernels_xatl.py")
+            found.setdefault(name, stand_in)
+    return found
+
+
+STAND_INS: dict[str, Callable[..., Any]] = _stand_ins()
 
 
 # --------------------------------------------------------------------------------------------------------------
