@@ -231,17 +231,20 @@ def report(outputs: dict[tuple[str, str, int], Path], args: argparse.Namespace, 
               f"({row['other_text_of_teacher']:.2f}) | {row['train_seconds'] / 60:.1f} min |")  # fmt: skip
     print(json.dumps(goal, indent=1))
 
+    drawn = {**curves, **curves_by_arm(earlier)}  # this run's arms and the earlier rounds' (dashed)
+
     def draw(axes) -> None:
-        for (student, arm, seed), curve in curves.items():
-            label = f"{arm}{'' if student == 'mamba2' else f' ({STUDENTS[student]})'}{f' seed {seed}' if seed else ''}"
+        for (student, arm, seed), curve in drawn.items():
+            label = f"{arm} ({STUDENTS[student]}){f' seed {seed}' if seed else ''}"
+            style = "-" if (student, arm, seed) in curves else "--"
             for ax, x in zip(axes, ("tokens", "seconds"), strict=True):
                 ax.plot([p[x] / (1000 if x == "tokens" else 60) for p in curve], [p["held_out_loss"] for p in curve],
-                        marker=".", label=label)  # fmt: skip
+                        marker=".", ls=style, label=label)  # fmt: skip
         for ax, label in zip(axes, ("thousand tokens", "training minutes (2 CPU cores)"), strict=True):
             ax.axhline(teacher, color="grey", ls=":", label="teacher (SmolLM2-135M-Instruct)")
             ax.set_xlabel(label)
             ax.set_ylabel("held-out loss")
-            ax.set_ylim(top=min(16, max(p["held_out_loss"] for c in curves.values() for p in c) + 0.5))
+            ax.set_ylim(top=min(16, max(p["held_out_loss"] for c in drawn.values() for p in c) + 0.5))
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
 
@@ -262,6 +265,15 @@ def earlier_rows(present: set[tuple[str, str, int]]) -> list[dict]:
             row.setdefault("other_text_of_teacher", row["other_text_loss"] / row["other_text_teacher_loss"])
             kept.append({**row, "earlier_run": True})
     return kept
+
+
+def curves_by_arm(rows: list[dict]) -> dict[tuple[str, str, int], list[dict[str, float]]]:
+    """CSV rows (`earlier_curves`) as curves, keyed as `finished_arms` keys them."""
+    grouped: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    for row in rows:
+        point = {k: (v if k == "stage" else float(v)) for k, v in row.items() if k not in ("student", "arm", "seed")}
+        grouped.setdefault((row["student"], row["arm"], int(row["seed"])), []).append(point)
+    return grouped
 
 
 def earlier_curves(present: set[tuple[str, str, int]]) -> list[dict]:
