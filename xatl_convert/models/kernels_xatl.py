@@ -360,9 +360,12 @@ def _stand_ins() -> dict[str, Callable[..., Any]]:
     (`MixerSpec.stand_ins`), the shared causal-conv1d ones in this one. A mixer declares its stand-ins there, not here.
     """
     found: dict[str, Callable[..., Any]] = {}
+    own = __name__.rpartition(".")[2]  # this file, still importing: read from sys.modules, not imported again
     for spec in MIXERS.values():
-        module = sys.modules[__name__] if spec.stand_ins == __name__.rpartition(".")[2] else None
-        module = module or importlib.import_module(f".{spec.stand_ins}", __package__)
+        if spec.stand_ins == own:
+            module = sys.modules[__name__]
+        else:
+            module = importlib.import_module(f".{spec.stand_ins}", __package__)
         for name in spec.kernels:
             stand_in = getattr(module, name, None) or globals().get(name)
             if stand_in is None:

@@ -140,14 +140,14 @@ class MixerSpec:
     state_shapes: Callable[[dict[str, Any], Sizes], tuple[tuple[int, ...], tuple[int, ...]]]  # conv, recurrent
     parameters: Callable[[dict[str, Any], Sizes], int]  # per layer, roughly: what a too-large config is told
     kernels: dict[str, tuple[str, str]]  # kernel function → (package, module inside it) that defines it
-    # The sibling file (models/NAME.py, shipped with the model) whose functions of the kernels' own names are their
-    # CPU stand-ins; the shared causal-conv1d kernels' stand-ins are kernels_xatl's.
     scan_kernel: str  # the function whose presence means real kernels serve this mixer
     formats: tuple[str, ...]  # export formats that hold it
     resolve: Callable[[dict[str, Any], Sizes], dict[str, Any]] = lambda settings, sizes: settings
     validate: Callable[[dict[str, Any], Sizes], None] = lambda settings, sizes: None
     size_keys: tuple[str, ...] = ()
     kernel_limits: dict[str, int] = field(default_factory=dict)  # setting → the largest value the kernels take
+    # The sibling file (models/NAME.py, shipped with the model) whose functions of the kernels' own names are their
+    # CPU stand-ins; the shared causal-conv1d kernels' stand-ins are kernels_xatl's.
     stand_ins: str = "kernels_xatl"
 
     @property

@@ -17,6 +17,7 @@ rounding alone). benchmarks/export_verify_bound.py measures both sides of that r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,11 @@ class RoundingFloor:
     def passes(self) -> bool:
         return self.export <= min(ROUNDING_MARGIN * self.xatl_float32, ROUNDING_CEILING)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return {
             "xatl_float32_vs_float64": self.xatl_float32,
             "export_vs_float64": self.export,
-            "ratio": self.ratio,
+            "ratio": self.ratio if math.isfinite(self.ratio) else None,  # JSON has no infinity
             "margin": ROUNDING_MARGIN,
             "ceiling": ROUNDING_CEILING,
         }
